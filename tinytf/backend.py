@@ -1,0 +1,173 @@
+"""Array backends: NumPy on the CPU, CuPy on CUDA GPUs.
+
+This is the only module that knows CuPy exists. Everything else asks for the array module of its inputs with
+`get_array_module(*arrays)` and writes one formula for both backends (the dezero/Chainer idea).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import numpy as np
+
+DEFAULT_DTYPE = np.dtype(np.float32)
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+_cupy = None
+_cupy_import_error: BaseException | None = None
+_cupy_probed = False
+
+
+def _load_cupy():
+    """Import CuPy on first use; remember why it failed so errors can say it."""
+    global _cupy, _cupy_import_error, _cupy_probed
+    if not _cupy_probed:
+        _cupy_probed = True
+        try:
+            _cupy = importlib.import_module("cupy")
+        except Exception as error:  # CuPy raises more than ImportError when CUDA libraries are broken
+            _cupy_import_error = error
+    return _cupy
+
+
+def cupy_module():
+    """The cupy module, or a RuntimeError saying how to install it."""
+    cupy = _load_cupy()
+    if cupy is None:
+        raise RuntimeError(
+            f"CUDA needs CuPy, which is not importable ({_cupy_import_error!r}). "
+            "Install it with: pip install 'tinytf[gpu]' (CuPy for CUDA 12)."
+        )
+    return cupy
+
+
+def get_array_module(*arrays):
+    """numpy, or cupy when any argument is a CuPy array."""
+    if _cupy is not None:
+        for array in arrays:
+            if isinstance(array, _cupy.ndarray):
+                return _cupy
+    return np
+
+
+def is_cupy_array(array) -> bool:
+    return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
+_DEVICE_PATTERN = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+def canonical_device(device) -> str:
+    """'cpu', 'cuda' or 'cuda:N' -> 'cpu' or 'cuda:N'; anything else is a ValueError."""
+    text = str(device)
+    match = _DEVICE_PATTERN.match(text)
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    if match.group(1) == "cpu":
+        return "cpu"
+    return f"cuda:{int(match.group(2) or 0)}"
+
+
+def _gpu_count(cupy) -> int:
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver, or a driver without devices
+        return 0
+
+
+def is_available(device: str = "cuda") -> bool:
+    """True when arrays can be placed on `device`."""
+    device = canonical_device(device)
+    if device == "cpu":
+        return True
+    cupy = _load_cupy()
+    return cupy is not None and int(device.split(":")[1]) < _gpu_count(cupy)
+
+
+def check_device(device) -> str:
+    """Canonical name of a usable device, or a RuntimeError that says what is missing."""
+    device = canonical_device(device)
+    if device == "cpu":
+        return device
+    cupy = cupy_module()
+    count = _gpu_count(cupy)
+    index = int(device.split(":")[1])
+    if count == 0:
+        raise RuntimeError(f"device {device!r} requested, but CuPy finds no CUDA GPU on this machine")
+    if index >= count:
+        raise RuntimeError(f"device {device!r} requested, but this machine has {count} CUDA GPU(s)")
+    return device
+
+
+def device_of(array) -> str:
+    if is_cupy_array(array):
+        return f"cuda:{array.device.id}"
+    return "cpu"
+
+
+def to_device(array, device):
+    """Copy `array` to `device` (no copy when it is already there)."""
+    device = check_device(device)
+    if device == "cpu":
+        if is_cupy_array(array):
+            return array.get()
+        return np.asarray(array)
+    cupy = cupy_module()
+    with cupy.cuda.Device(int(device.split(":")[1])):
+        return cupy.asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    return array.get() if is_cupy_array(array) else np.asarray(array)
+
+
+def is_floating(dtype) -> bool:
+    return np.dtype(dtype).kind == "f"
+
+
+def as_dtype(dtype) -> np.dtype:
+    """np.dtype of anything NumPy accepts, or a clear TypeError."""
+    try:
+        return np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"unknown dtype {dtype!r}: {error}") from None
+
+
+def float_dtypes() -> tuple[np.dtype, ...]:
+    return _FLOAT_DTYPES
+
+
+_generators: dict[str, object] = {}
+
+
+def manual_seed(seed: int) -> None:
+    """Seed one generator per device, so runs are reproducible."""
+    _generators.clear()
+    _generators["cpu"] = np.random.default_rng(seed)
+    _generators["seed"] = seed
+
+
+def generator(device: str = "cpu"):
+    """The seeded random generator of `device` (numpy.random.Generator or cupy.random.Generator)."""
+    device = canonical_device(device)
+    if device not in _generators:
+        seed = _generators.get("seed")
+        if device == "cpu":
+            _generators[device] = np.random.default_rng(seed)
+        else:
+            cupy = cupy_module()
+            with cupy.cuda.Device(int(device.split(":")[1])):
+                _generators[device] = cupy.random.default_rng(seed)
+    return _generators[device]
+
+
+def get_rng_state() -> dict:
+    """The CPU generator's state, JSON-able (for checkpoints)."""
+    return generator("cpu").bit_generator.state
+
+
+def set_rng_state(state: dict) -> None:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    _generators["cpu"] = rng

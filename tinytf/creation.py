@@ -1,0 +1,118 @@
+"""Creating tensors: from data, filled, ranges and random draws (one seeded generator per device)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor
+
+
+def _array_module(device: str):
+    return np if backend.check_device(device) == "cpu" else backend.cupy_module()
+
+
+def _shape(shape) -> tuple[int, ...]:
+    """zeros(2, 3) and zeros((2, 3)) both mean shape (2, 3)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    return tuple(int(n) for n in shape)
+
+
+def _finish(array, dtype, requires_grad: bool, device: str) -> Tensor:
+    if dtype is not None:
+        array = array.astype(backend.as_dtype(dtype), copy=False)
+    if backend.device_of(array) != backend.canonical_device(device):
+        array = backend.to_device(array, device)
+    return Tensor(array, requires_grad=requires_grad)
+
+
+def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    """A new tensor holding a copy of `data` (nested lists, scalars, NumPy/CuPy arrays or a Tensor).
+
+    Python floats become the default dtype (float32), Python ints int64; arrays keep their dtype.
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_cupy_array(data) or isinstance(data, np.ndarray):
+        array = data.copy()
+    else:
+        array = np.array(data)
+        if array.dtype == np.float64:
+            array = array.astype(backend.DEFAULT_DTYPE)
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise TypeError(f"tensor(): cannot make a numeric tensor from {type(data).__name__} data of dtype {array.dtype}")
+    return _finish(array, dtype, requires_grad, device)
+
+
+def zeros(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    xp = _array_module(device)
+    return _finish(xp.zeros(_shape(shape), dtype=dtype or backend.DEFAULT_DTYPE), None, requires_grad, device)
+
+
+def ones(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    xp = _array_module(device)
+    return _finish(xp.ones(_shape(shape), dtype=dtype or backend.DEFAULT_DTYPE), None, requires_grad, device)
+
+
+def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    xp = _array_module(device)
+    if dtype is None:
+        dtype = backend.DEFAULT_DTYPE if isinstance(fill_value, float) else np.asarray(fill_value).dtype
+    return _finish(xp.full(_shape((shape,)), fill_value, dtype=dtype), None, requires_grad, device)
+
+
+def arange(start, end=None, step=1, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    """Like torch.arange: integers give int64, any float argument gives the default float dtype."""
+    if end is None:
+        start, end = 0, start
+    if dtype is None:
+        is_float = any(isinstance(value, float) for value in (start, end, step))
+        dtype = backend.DEFAULT_DTYPE if is_float else np.int64
+    xp = _array_module(device)
+    return _finish(xp.arange(start, end, step, dtype=dtype), None, requires_grad, device)
+
+
+def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    """Standard normal draws from the device's seeded generator."""
+    dtype = backend.as_dtype(dtype or backend.DEFAULT_DTYPE)
+    _array_module(device)
+    array = backend.generator(device).standard_normal(_shape(shape), dtype=dtype)
+    return _finish(array, None, requires_grad, device)
+
+
+def rand(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    """Uniform draws in [0, 1) from the device's seeded generator."""
+    dtype = backend.as_dtype(dtype or backend.DEFAULT_DTYPE)
+    _array_module(device)
+    array = backend.generator(device).random(_shape(shape), dtype=dtype)
+    return _finish(array, None, requires_grad, device)
+
+
+def _like(maker):
+    def made_like(other: Tensor, dtype=None, requires_grad: bool = False, device: str | None = None, **kwargs):
+        return maker(
+            other.shape,
+            dtype=dtype or other.dtype,
+            requires_grad=requires_grad,
+            device=device or other.device,
+            **kwargs,
+        )
+
+    made_like.__name__ = maker.__name__ + "_like"
+    made_like.__doc__ = f"`{maker.__name__}` with the shape, dtype and device of another tensor."
+    return made_like
+
+
+zeros_like = _like(zeros)
+ones_like = _like(ones)
+randn_like = _like(randn)
+rand_like = _like(rand)
+
+
+def full_like(other: Tensor, fill_value, dtype=None, requires_grad: bool = False, device: str | None = None) -> Tensor:
+    return full(other.shape, fill_value, dtype=dtype or other.dtype, requires_grad=requires_grad,
+                device=device or other.device)
+
+
+manual_seed = backend.manual_seed

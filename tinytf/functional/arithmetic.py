@@ -1,0 +1,341 @@
+"""Elementwise arithmetic with NumPy broadcasting: each op's forward beside its backward."""
+
+from __future__ import annotations
+
+from .. import backend
+from ..tensor import Function, Tensor
+from .common import as_tensor, sum_to
+
+
+class Add(Function):
+    def forward(self, a, b):
+        """(..., ) + (..., ) -> broadcast shape"""
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, grad):
+        return sum_to(grad, self.shapes[0]), sum_to(grad, self.shapes[1])
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, grad):
+        return sum_to(grad, self.shapes[0]), sum_to(-grad, self.shapes[1]) if self.needs_input_grad[1] else None
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.save_for_backward(a, b)
+        return a * b
+
+    def backward(self, grad):
+        a, b = self.saved_tensors
+        grad_a = sum_to(grad * b, a.shape) if self.needs_input_grad[0] else None
+        grad_b = sum_to(grad * a, b.shape) if self.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class Div(Function):
+    def forward(self, a, b):
+        out = a / b
+        self.save_for_backward(b, out)
+        self.shape_a = a.shape
+        return out
+
+    def backward(self, grad):
+        b, out = self.saved_tensors
+        grad_a = grad / b
+        # d(a/b)/db = -a/b^2 = -(a/b)/b
+        grad_b = sum_to(-grad_a * out, b.shape) if self.needs_input_grad[1] else None
+        return sum_to(grad_a, self.shape_a), grad_b
+
+
+class Pow(Function):
+    def forward(self, a, b):
+        out = a**b
+        self.save_for_backward(a, b, out)
+        return out
+
+    def backward(self, grad):
+        a, b, out = self.saved_tensors
+        xp = backend.get_array_module(a)
+        grad_a = sum_to(grad * b * a ** (b - 1), a.shape) if self.needs_input_grad[0] else None
+        grad_b = None
+        if self.needs_input_grad[1]:
+            # d(a^b)/db = a^b log a; taken as 0 where a == 0 (the limit for b > 0) instead of 0 * -inf.
+            log_a = xp.log(xp.where(a > 0, a, 1))
+            grad_b = sum_to(grad * out * log_a, b.shape)
+        return grad_a, grad_b
+
+
+class PowScalar(Function):
+    def forward(self, a, exponent):
+        """(...) ** python number -> (...)"""
+        self.save_for_backward(a)
+        self.exponent = exponent
+        return a**exponent
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        return grad * (self.exponent * a ** (self.exponent - 1))
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, grad):
+        return -grad
+
+
+class Abs(Function):
+    def forward(self, a):
+        self.save_for_backward(a)
+        return abs(a)
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        return grad * backend.get_array_module(a).sign(a)
+
+
+class Exp(Function):
+    def forward(self, a):
+        out = backend.get_array_module(a).exp(a)
+        self.save_for_backward(out)
+        return out
+
+    def backward(self, grad):
+        (out,) = self.saved_tensors
+        return grad * out
+
+
+class Log(Function):
+    def forward(self, a):
+        self.save_for_backward(a)
+        return backend.get_array_module(a).log(a)
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        return grad / a
+
+
+class Sqrt(Function):
+    def forward(self, a):
+        out = backend.get_array_module(a).sqrt(a)
+        self.save_for_backward(out)
+        return out
+
+    def backward(self, grad):
+        (out,) = self.saved_tensors
+        return grad / (2 * out)
+
+
+class Rsqrt(Function):
+    def forward(self, a):
+        out = 1 / backend.get_array_module(a).sqrt(a)
+        self.save_for_backward(out)
+        return out
+
+    def backward(self, grad):
+        (out,) = self.saved_tensors
+        # d(a^-1/2)/da = -1/2 a^-3/2 = -1/2 out^3
+        return grad * (-0.5 * out**3)
+
+
+class Extremum(Function):
+    """Elementwise maximum or minimum; a tie splits the gradient equally between both inputs (as PyTorch)."""
+
+    def forward(self, a, b, take_max: bool):
+        xp = backend.get_array_module(a, b)
+        out = xp.maximum(a, b) if take_max else xp.minimum(a, b)
+        self.save_for_backward(a, b, out)
+        return out
+
+    def backward(self, grad):
+        a, b, out = self.saved_tensors
+        share_a = (a == out) * (1 - 0.5 * (a == b))
+        share_a = share_a.astype(grad.dtype)
+        return sum_to(grad * share_a, a.shape), sum_to(grad * (1 - share_a), b.shape)
+
+
+class Clamp(Function):
+    def forward(self, a, low, high):
+        xp = backend.get_array_module(a)
+        self.save_for_backward(a)
+        self.bounds = low, high
+        return xp.clip(a, low, high)
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        low, high = self.bounds
+        inside = backend.get_array_module(a).ones(a.shape, dtype=bool)
+        if low is not None:
+            inside &= a >= low
+        if high is not None:
+            inside &= a <= high
+        return grad * inside
+
+
+class Where(Function):
+    def forward(self, a, b, condition):
+        """where(condition, a, b): condition is a boolean array, not differentiated."""
+        self.condition = condition
+        self.shapes = a.shape, b.shape
+        return backend.get_array_module(a, b).where(condition, a, b)
+
+    def backward(self, grad):
+        xp = backend.get_array_module(grad)
+        zero = xp.zeros((), dtype=grad.dtype)
+        grad_a = sum_to(xp.where(self.condition, grad, zero), self.shapes[0]) if self.needs_input_grad[0] else None
+        grad_b = sum_to(xp.where(self.condition, zero, grad), self.shapes[1]) if self.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class Cast(Function):
+    def forward(self, a, dtype):
+        self.input_dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, grad):
+        return grad.astype(self.input_dtype)
+
+
+class ToDevice(Function):
+    def forward(self, a, device):
+        self.input_device = backend.device_of(a)
+        return backend.to_device(a, device)
+
+    def backward(self, grad):
+        return backend.to_device(grad, self.input_device)
+
+
+def _binary(function, a, b, **params) -> Tensor:
+    if not isinstance(a, Tensor):
+        a = as_tensor(a, b)
+    b = as_tensor(b, a)
+    return function.apply(a, b, **params)
+
+
+def add(a, b) -> Tensor:
+    return _binary(Add, a, b)
+
+
+def sub(a, b) -> Tensor:
+    return _binary(Sub, a, b)
+
+
+def mul(a, b) -> Tensor:
+    return _binary(Mul, a, b)
+
+
+def div(a, b) -> Tensor:
+    if isinstance(a, Tensor) and not backend.is_floating(a.dtype):
+        a = cast(a, backend.DEFAULT_DTYPE)
+    return _binary(Div, a, b)
+
+
+def pow(a, b) -> Tensor:
+    if isinstance(a, Tensor) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return PowScalar.apply(a, exponent=b)
+    return _binary(Pow, a, b)
+
+
+def neg(a: Tensor) -> Tensor:
+    return Neg.apply(a)
+
+
+def abs(a: Tensor) -> Tensor:
+    return Abs.apply(a)
+
+
+def exp(a: Tensor) -> Tensor:
+    return Exp.apply(a)
+
+
+def log(a: Tensor) -> Tensor:
+    return Log.apply(a)
+
+
+def sqrt(a: Tensor) -> Tensor:
+    return Sqrt.apply(a)
+
+
+def rsqrt(a: Tensor) -> Tensor:
+    return Rsqrt.apply(a)
+
+
+def maximum(a, b) -> Tensor:
+    return _binary(Extremum, a, b, take_max=True)
+
+
+def minimum(a, b) -> Tensor:
+    return _binary(Extremum, a, b, take_max=False)
+
+
+def clamp(a: Tensor, min=None, max=None) -> Tensor:
+    if min is None and max is None:
+        raise ValueError("clamp: give at least one of min and max")
+    return Clamp.apply(a, low=min, high=max)
+
+
+def where(condition, a, b) -> Tensor:
+    """Elements of `a` where `condition` is True, else of `b` (either may be a Python scalar)."""
+    condition = condition.data if isinstance(condition, Tensor) else condition
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        raise TypeError("where: at least one of the two value arguments must be a Tensor")
+    a = as_tensor(a, b) if not isinstance(a, Tensor) else a
+    b = as_tensor(b, a)
+    if getattr(condition, "dtype", None) != bool:
+        raise TypeError(f"where: condition must be a boolean tensor, got dtype {getattr(condition, 'dtype', None)}")
+    return Where.apply(a, b, condition=condition)
+
+
+def masked_fill(a: Tensor, mask, value) -> Tensor:
+    """`a` with `value` wherever the boolean `mask` (broadcast to a's shape) is True."""
+    return where(mask, as_tensor(value, a), a)
+
+
+def cast(a: Tensor, dtype) -> Tensor:
+    dtype = backend.as_dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    if a.requires_grad and backend.is_floating(dtype):
+        return Cast.apply(a, dtype=dtype)
+    return Tensor(a.data.astype(dtype))
+
+
+def to(a: Tensor, device=None, dtype=None) -> Tensor:
+    """A tensor on `device` and/or of `dtype` (itself when nothing changes); differentiable.
+
+    Accepts `to("cuda")`, `to(np.float64)` and `to(device, dtype)` like PyTorch.
+    """
+    if dtype is None and device is not None and not isinstance(device, str):
+        device, dtype = None, device
+    if device is not None and backend.canonical_device(device) != a.device:
+        a = ToDevice.apply(a, device=backend.check_device(device))
+    if dtype is not None:
+        a = cast(a, dtype)
+    return a
+
+
+def _comparison(name: str):
+    def compare(a, b) -> Tensor:
+        if not isinstance(a, Tensor):
+            a = as_tensor(a, b)
+        b = as_tensor(b, a)
+        return Tensor(getattr(a.data, name)(b.data))
+
+    compare.__name__ = name.strip("_")
+    compare.__doc__ = f"Elementwise `{name}` as a boolean tensor (not differentiable)."
+    return compare
+
+
+eq = _comparison("__eq__")
+ne = _comparison("__ne__")
+lt = _comparison("__lt__")
+le = _comparison("__le__")
+gt = _comparison("__gt__")
+ge = _comparison("__ge__")

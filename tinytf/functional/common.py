@@ -1,0 +1,62 @@
+"""Helpers shared by the ops: broadcasting gradients back, and turning Python scalars into tensors."""
+
+from __future__ import annotations
+
+import numbers
+
+from .. import backend
+from ..tensor import Tensor
+
+
+def sum_to(grad, shape: tuple[int, ...]):
+    """Sum `grad` over the axes that broadcasting added or stretched, so it has `shape` again.
+
+    If y = broadcast(x), each element of x feeds every copy of itself in y, so dL/dx sums dL/dy over the copies.
+    """
+    if grad.shape == shape:
+        return grad
+    leading = grad.ndim - len(shape)
+    stretched = tuple(leading + axis for axis, size in enumerate(shape) if size == 1 and grad.shape[leading + axis] != 1)
+    grad = grad.sum(axis=tuple(range(leading)) + stretched, keepdims=True)
+    return grad.reshape(shape)
+
+
+def as_tensor(value, like: Tensor) -> Tensor:
+    """`value` as a Tensor on `like`'s device; Python scalars take `like`'s dtype (NumPy 2 would otherwise upcast)."""
+    if isinstance(value, Tensor):
+        return value
+    xp = backend.get_array_module(like.data)
+    if isinstance(value, numbers.Number):
+        dtype = like.dtype
+        if isinstance(value, float) and not backend.is_floating(dtype):
+            dtype = backend.DEFAULT_DTYPE
+        elif not isinstance(value, bool) and dtype == bool:
+            dtype = "int64"
+        return Tensor(xp.asarray(value, dtype=dtype))
+    return Tensor(xp.asarray(value))
+
+
+def normalize_axis(axis=None, dim=None, keepdims=None, keepdim=None):
+    """Accept NumPy's (`axis`, `keepdims`) and PyTorch's (`dim`, `keepdim`) spellings; returns (axis, keepdims)."""
+    if axis is not None and dim is not None:
+        raise TypeError("pass either axis= or dim=, not both")
+    if keepdims is not None and keepdim is not None:
+        raise TypeError("pass either keepdims= or keepdim=, not both")
+    axis = dim if axis is None else axis
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    return axis, bool(keepdims if keepdims is not None else keepdim)
+
+
+def expand_reduced(grad, input_shape: tuple[int, ...], axis, keepdims: bool):
+    """Reinsert the axes a reduction removed, so `grad` broadcasts against the reduction's input."""
+    if axis is None:
+        return grad.reshape((1,) * len(input_shape)) if not keepdims else grad
+    if keepdims:
+        return grad
+    axes = (axis,) if isinstance(axis, int) else axis
+    axes = sorted(a % len(input_shape) for a in axes)
+    shape = list(grad.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return grad.reshape(shape)

@@ -1,0 +1,52 @@
+"""Embedding lookup (a gather whose backward scatters into the rows used) and one-hot encoding."""
+
+from __future__ import annotations
+
+from .. import backend
+from ..tensor import Function, Tensor
+
+
+class Embedding(Function):
+    def forward(self, weight, ids):
+        """(V, D) table, (...) ids -> (..., D)"""
+        self.ids = ids
+        self.table_shape = weight.shape
+        return weight[ids]
+
+    def backward(self, grad):
+        xp = backend.get_array_module(grad)
+        grad_weight = xp.zeros(self.table_shape, dtype=grad.dtype)
+        # An id used several times gets the sum of its gradients: add.at accumulates repeated indices.
+        xp.add.at(grad_weight, self.ids.reshape(-1), grad.reshape(-1, self.table_shape[1]))
+        return grad_weight
+
+
+def _integer_ids(op: str, ids, xp):
+    data = ids.data if isinstance(ids, Tensor) else xp.asarray(ids)
+    if data.dtype.kind not in "iu":
+        raise TypeError(f"{op}: ids must be integers, got dtype {data.dtype}")
+    return data
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    """Rows of `weight` (num_embeddings, dim) picked by integer `ids` of any shape."""
+    xp = backend.get_array_module(weight.data)
+    data = _integer_ids("embedding", ids, xp)
+    vocab = weight.shape[0]
+    if data.size:
+        low, high = int(data.min()), int(data.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise IndexError(f"embedding: id {bad} is out of range for a vocabulary of size {vocab}")
+    return Embedding.apply(weight, ids=data)
+
+
+def one_hot(ids, num_classes: int = -1) -> Tensor:
+    """int64 tensor (..., num_classes) with a 1 at each id; num_classes=-1 uses max(id) + 1."""
+    xp = backend.get_array_module(ids.data if isinstance(ids, Tensor) else ids)
+    data = _integer_ids("one_hot", ids, xp)
+    if num_classes == -1:
+        num_classes = int(data.max()) + 1 if data.size else 0
+    if data.size and (int(data.min()) < 0 or int(data.max()) >= num_classes):
+        raise IndexError(f"one_hot: ids must lie in [0, {num_classes}), got range [{int(data.min())}, {int(data.max())}]")
+    return Tensor((data[..., None] == xp.arange(num_classes)).astype(xp.int64))

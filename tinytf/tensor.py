@@ -1,0 +1,291 @@
+"""Tensor and the reverse-mode autograd engine.
+
+A Tensor wraps one NumPy or CuPy array. Every differentiable op is a `Function`: `forward` computes on raw arrays
+and saves what `backward` needs; `apply` records the Function as the output's creator, so the outputs of a
+computation form a graph back to its inputs. `Tensor.backward` orders that graph topologically and walks it once,
+from the output to the leaves, calling each Function's `backward` with the gradient of its output.
+
+The operators and methods (`+`, `@`, `.sum()`, `.softmax()`, ...) are attached to Tensor by `tinytf.functional`,
+which holds the Functions; this file is only the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from . import backend
+
+_grad_enabled = True
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class _GradMode(contextlib.ContextDecorator):
+    """Sets whether ops record the graph, and restores the previous mode on exit."""
+
+    enabled: bool
+
+    def __enter__(self):
+        global _grad_enabled
+        self._previous = _grad_enabled
+        _grad_enabled = self.enabled
+
+    def __exit__(self, *exc_info):
+        global _grad_enabled
+        _grad_enabled = self._previous
+
+
+class no_grad(_GradMode):
+    """Context manager and decorator: ops inside record no graph (inference, optimizer updates)."""
+
+    enabled = False
+
+
+class enable_grad(_GradMode):
+    """Context manager and decorator: record the graph again inside a `no_grad` region."""
+
+    enabled = True
+
+
+class Function:
+    """One differentiable op: `forward` on raw arrays, `backward` beside it.
+
+    Subclasses implement `forward(self, *arrays, **params) -> array` and `backward(self, grad_output) -> grads`,
+    one gradient per Tensor input (a tuple for several; None where `needs_input_grad` is False).
+    """
+
+    __slots__ = ("inputs", "saved_tensors", "needs_input_grad", "_released")
+
+    def __init__(self):
+        self.inputs: tuple[Tensor, ...] = ()
+        self.saved_tensors: tuple = ()
+        self.needs_input_grad: tuple[bool, ...] = ()
+        self._released = False
+
+    def save_for_backward(self, *arrays) -> None:
+        self.saved_tensors = arrays
+
+    def forward(self, *arrays, **params):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: Tensor, **params) -> Tensor:
+        """Run forward on the inputs' arrays; record the graph when gradients are needed."""
+        _check_same_device(cls.__name__, inputs)
+        function = cls()
+        function.needs_input_grad = tuple(tensor.requires_grad for tensor in inputs)
+        output = Tensor(function.forward(*(tensor.data for tensor in inputs), **params))
+        if _grad_enabled and any(function.needs_input_grad):
+            output.requires_grad = True
+            output._creator = function
+            function.inputs = inputs
+        return output
+
+    def release(self) -> None:
+        """Drop the saved arrays and the links to the inputs, so the graph's memory is freed after backward."""
+        self.inputs = ()
+        self.saved_tensors = ()
+        self._released = True
+
+
+def _check_same_device(op_name: str, tensors) -> None:
+    first = tensors[0].data if tensors else None
+    for tensor in tensors[1:]:
+        if type(tensor.data) is not type(first) or (
+            backend.is_cupy_array(first) and tensor.data.device != first.device
+        ):
+            raise RuntimeError(
+                f"{op_name}: tensors are on different devices, {tensors[0].device} and {tensor.device}; "
+                "move them to one device with .to(device)"
+            )
+
+
+class Tensor:
+    """An n-dimensional array (NumPy or CuPy) that can record the ops applied to it for autograd."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_creator", "_retains_grad", "__weakref__")
+    # Makes NumPy defer `ndarray + Tensor` to Tensor.__radd__ instead of looping over the tensor.
+    __array_priority__ = 1000
+
+    def __init__(self, data, requires_grad: bool = False):
+        if not hasattr(data, "__array_interface__") and not backend.is_cupy_array(data):
+            data = np.asarray(data)
+        self.data = data
+        self.grad = None
+        self._creator: Function | None = None
+        self._retains_grad = False
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    # --- properties ---------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._creator is None
+
+    @property
+    def grad_fn(self) -> Function | None:
+        return self._creator
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    __hash__ = object.__hash__
+
+    def __bool__(self) -> bool:
+        if self.data.size != 1:
+            raise RuntimeError(f"the truth value of a tensor of shape {self.shape} is ambiguous; use .any() or .all()")
+        return bool(self.data)
+
+    # --- autograd -----------------------------------------------------------------------------------------------
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        if requires_grad and not backend.is_floating(self.dtype):
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
+        if not requires_grad and self._creator is not None:
+            raise RuntimeError("requires_grad can only be switched off on a leaf tensor; use .detach()")
+        self.requires_grad = requires_grad
+        return self
+
+    def retain_grad(self) -> None:
+        """Keep `.grad` on this non-leaf tensor after backward (leaves always keep theirs)."""
+        self._retains_grad = True
+
+    def detach(self) -> Tensor:
+        """A tensor sharing this one's data, cut from the graph."""
+        return Tensor(self.data)
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into the `.grad` of every leaf that requires grad.
+
+        `grad` is d(loss)/d(self); it may be omitted only for a tensor with one element (a scalar loss).
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (no input required grad)")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a scalar output, got shape {self.shape}; "
+                    "pass grad= with the same shape"
+                )
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(): grad has shape {grad.shape}, expected the tensor's shape {self.shape}")
+
+        # A node may feed several later nodes; its gradient is the sum over all of them, so it must be complete
+        # before the node passes it on. Visiting nodes in reverse topological order guarantees that every consumer
+        # of a node has already contributed when the node itself is reached.
+        pending = {id(self): grad}
+        for node in reversed(_topological_order(self)):
+            node_grad = pending.pop(id(node), None)
+            if node_grad is None:
+                continue
+            creator = node._creator
+            if creator is None or node._retains_grad:
+                node._accumulate_grad(node_grad)
+            if creator is None:
+                continue
+            if creator._released:
+                raise RuntimeError(
+                    "backward through a graph whose saved arrays were already freed by an earlier backward(); "
+                    "pass retain_graph=True to the first call if you need to go through it twice"
+                )
+            input_grads = creator.backward(node_grad)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for parent, parent_grad in zip(creator.inputs, input_grads):
+                if parent_grad is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                pending[key] = parent_grad if key not in pending else pending[key] + parent_grad
+            if not retain_graph:
+                creator.release()
+
+    def _accumulate_grad(self, grad) -> None:
+        if grad.shape != self.shape:
+            raise RuntimeError(f"internal error: gradient of shape {grad.shape} for a tensor of shape {self.shape}")
+        if self.grad is None:
+            # A copy: backward may hand the same array to several inputs, and optimizers update .grad in place.
+            self.grad = grad.astype(self.dtype, copy=True)
+        else:
+            self.grad += grad
+
+    # --- conversion ---------------------------------------------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array on the host (copied from the GPU if needed)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.data.item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __repr__(self) -> str:
+        body = np.array2string(self.numpy(), separator=", ", prefix="tensor(", threshold=200)
+        extras = []
+        if self.dtype != backend.DEFAULT_DTYPE and self.dtype != np.int64 and self.dtype != np.bool_:
+            extras.append(f"dtype={self.dtype}")
+        if self.device != "cpu":
+            extras.append(f"device='{self.device}'")
+        if self._creator is not None:
+            extras.append(f"grad_fn={type(self._creator).__name__}")
+        elif self.requires_grad:
+            extras.append("requires_grad=True")
+        return "tensor(" + ", ".join([body] + extras) + ")"
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes that require grad, each after all of its inputs (iterative DFS: deep graphs do not hit recursion limits)."""
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._creator is not None:
+            for parent in node._creator.inputs:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    return order
