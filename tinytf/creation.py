@@ -34,8 +34,8 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -
     """
     if isinstance(data, Tensor):
         data = data.data
-    if backend.is_cupy_array(data) or isinstance(data, np.ndarray):
-        array = data.copy()
+    if backend.is_cupy_array(data) or isinstance(data, (np.ndarray, np.generic)):
+        array = data.copy() if not isinstance(data, np.generic) else np.asarray(data)
     else:
         array = np.array(data)
         if array.dtype == np.float64:
@@ -47,12 +47,12 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -
 
 def zeros(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
     xp = _array_module(device)
-    return _finish(xp.zeros(_shape(shape), dtype=dtype or backend.DEFAULT_DTYPE), None, requires_grad, device)
+    return _finish(xp.zeros(_shape(shape), dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE)), None, requires_grad, device)
 
 
 def ones(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
     xp = _array_module(device)
-    return _finish(xp.ones(_shape(shape), dtype=dtype or backend.DEFAULT_DTYPE), None, requires_grad, device)
+    return _finish(xp.ones(_shape(shape), dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE)), None, requires_grad, device)
 
 
 def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:

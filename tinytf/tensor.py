@@ -96,13 +96,13 @@ class Function:
 
 
 def _check_same_device(op_name: str, tensors) -> None:
-    first = tensors[0].data if tensors else None
-    for tensor in tensors[1:]:
-        if type(tensor.data) is not type(first) or (
-            backend.is_cupy_array(first) and tensor.data.device != first.device
-        ):
+    if all(type(tensor.data) is np.ndarray for tensor in tensors):  # the common case, checked cheaply
+        return
+    devices = [tensor.device for tensor in tensors]
+    for device in devices[1:]:
+        if device != devices[0]:
             raise RuntimeError(
-                f"{op_name}: tensors are on different devices, {tensors[0].device} and {tensor.device}; "
+                f"{op_name}: tensors are on different devices, {devices[0]} and {device}; "
                 "move them to one device with .to(device)"
             )
 
@@ -115,8 +115,8 @@ class Tensor:
     __array_priority__ = 1000
 
     def __init__(self, data, requires_grad: bool = False):
-        if not hasattr(data, "__array_interface__") and not backend.is_cupy_array(data):
-            data = np.asarray(data)
+        if not isinstance(data, np.ndarray) and not backend.is_cupy_array(data):
+            data = np.asarray(data)  # also turns NumPy scalars, which 0-d ops return, back into arrays
         self.data = data
         self.grad = None
         self._creator: Function | None = None

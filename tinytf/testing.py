@@ -86,7 +86,7 @@ def _compare(label: str, elements, shape, analytic, numeric, atol: float, rtol: 
     if np.all(error <= 0) and np.all(np.isfinite(analytic)):
         return
     worst = int(np.nanargmax(np.where(np.isfinite(analytic), error, np.inf)))
-    where = "" if elements is None else f" at index {np.unravel_index(int(elements[worst]), shape)}"
+    where = "" if elements is None else f" at index {tuple(int(i) for i in np.unravel_index(int(elements[worst]), shape))}"
     failed = int(np.sum(~(error <= 0)))
     raise GradcheckError(
         f"gradcheck: {label}{where}: analytic gradient {analytic[worst]:.8g}, numeric {numeric[worst]:.8g} "

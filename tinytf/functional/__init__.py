@@ -9,6 +9,7 @@ from .arithmetic import (
     add,
     cast,
     clamp,
+    cos,
     div,
     eq,
     exp,
@@ -25,6 +26,7 @@ from .arithmetic import (
     neg,
     pow,
     rsqrt,
+    sin,
     sqrt,
     sub,
     to,
@@ -72,7 +74,7 @@ def _install_tensor_methods() -> None:
     }
     methods = {
         "add": add, "sub": sub, "mul": mul, "div": div, "pow": pow, "neg": neg, "abs": abs, "matmul": matmul,
-        "exp": exp, "log": log, "sqrt": sqrt, "rsqrt": rsqrt, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
+        "exp": exp, "log": log, "sin": sin, "cos": cos, "sqrt": sqrt, "rsqrt": rsqrt, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
         "gelu": gelu, "silu": silu, "softmax": softmax, "log_softmax": log_softmax,
         "sum": sum, "mean": mean, "max": max, "min": min, "var": var, "logsumexp": logsumexp, "argmax": argmax,
         "reshape": reshape, "view": view, "flatten": flatten, "transpose": transpose, "permute": permute,

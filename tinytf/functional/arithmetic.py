@@ -94,7 +94,7 @@ class Neg(Function):
 class Abs(Function):
     def forward(self, a):
         self.save_for_backward(a)
-        return abs(a)
+        return backend.get_array_module(a).abs(a)
 
     def backward(self, grad):
         (a,) = self.saved_tensors
@@ -143,6 +143,26 @@ class Rsqrt(Function):
         (out,) = self.saved_tensors
         # d(a^-1/2)/da = -1/2 a^-3/2 = -1/2 out^3
         return grad * (-0.5 * out**3)
+
+
+class Sin(Function):
+    def forward(self, a):
+        self.save_for_backward(a)
+        return backend.get_array_module(a).sin(a)
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        return grad * backend.get_array_module(a).cos(a)
+
+
+class Cos(Function):
+    def forward(self, a):
+        self.save_for_backward(a)
+        return backend.get_array_module(a).cos(a)
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        return -grad * backend.get_array_module(a).sin(a)
 
 
 class Extremum(Function):
@@ -265,6 +285,14 @@ def sqrt(a: Tensor) -> Tensor:
 
 def rsqrt(a: Tensor) -> Tensor:
     return Rsqrt.apply(a)
+
+
+def sin(a: Tensor) -> Tensor:
+    return Sin.apply(a)
+
+
+def cos(a: Tensor) -> Tensor:
+    return Cos.apply(a)
 
 
 def maximum(a, b) -> Tensor:

@@ -18,10 +18,10 @@ class MatMul(Function):
         # Treat vectors as matrices so one formula serves every case: dA = G B^T, dB = A^T G.
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
-        if a.ndim == 1:
-            grad = grad[..., None, :]
         if b.ndim == 1:
             grad = grad[..., None]
+        if a.ndim == 1:
+            grad = grad[..., None, :]
         grad_a = grad_b = None
         if self.needs_input_grad[0]:
             grad_a = sum_to(grad @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)

@@ -1,0 +1,157 @@
+import gc
+import types
+import weakref
+
+import numpy as np
+import pytest
+
+import tinytf
+from tinytf import backend
+
+
+def test_deep_chain_of_ten_thousand_ops():
+    x = tinytf.tensor(1.0, requires_grad=True, dtype="float64")
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001 + 0.0
+    y.backward()
+    np.testing.assert_allclose(x.grad, 1.0001**10_000, rtol=1e-9)
+
+
+def test_diamond_graph_sums_both_paths():
+    x = tinytf.tensor(3.0, requires_grad=True)
+    a, b = x * 2, x * x
+    (a + b).backward()
+    assert x.grad == pytest.approx(2 + 2 * 3)
+
+
+def test_node_reused_many_times():
+    x = tinytf.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 3
+    total = y
+    for _ in range(99):
+        total = total + y
+    total.sum().backward()
+    np.testing.assert_allclose(x.grad, [300.0, 300.0])
+
+
+def test_gradients_accumulate_across_backward_calls_like_pytorch():
+    x = tinytf.tensor([1.0, 2.0], requires_grad=True)
+    (x * x).sum().backward()
+    (x * 3).sum().backward()
+    np.testing.assert_allclose(x.grad, [2 + 3, 4 + 3])
+    x.grad = None
+    (x * 3).sum().backward()
+    np.testing.assert_allclose(x.grad, [3, 3])
+
+
+def test_leaf_gradients_do_not_alias_each_other():
+    a = tinytf.tensor([1.0], requires_grad=True)
+    b = tinytf.tensor([1.0], requires_grad=True)
+    (a + b).sum().backward()
+    a.grad *= 10
+    assert b.grad[0] == 1.0
+
+
+def test_no_grad_as_context_and_decorator():
+    x = tinytf.tensor([1.0], requires_grad=True)
+    with tinytf.no_grad():
+        y = x * 2
+        with tinytf.enable_grad():
+            z = x * 2
+    assert not y.requires_grad and y.grad_fn is None and z.requires_grad
+    assert tinytf.is_grad_enabled()
+
+    @tinytf.no_grad()
+    def double(t):
+        return t * 2
+
+    assert not double(x).requires_grad and tinytf.is_grad_enabled()
+
+
+def test_graph_is_released_after_backward():
+    x = tinytf.tensor(np.ones(1000), requires_grad=True)
+    hidden = x.exp()
+    loss = (hidden * 2).sum()
+    reference = weakref.ref(hidden)
+    del hidden
+    gc.collect()
+    assert reference() is not None  # the graph holds the intermediate until backward
+    loss.backward()
+    gc.collect()
+    assert reference() is None
+
+
+def test_retain_graph_allows_a_second_backward_and_release_forbids_it():
+    x = tinytf.tensor(2.0, requires_grad=True)
+    y = x * x
+    y.backward(retain_graph=True)
+    y.backward()
+    assert x.grad == pytest.approx(8.0)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.backward()
+
+
+def test_retain_grad_keeps_gradient_of_intermediate():
+    x = tinytf.tensor([1.0, 2.0], requires_grad=True)
+    y = x * 2
+    y.retain_grad()
+    (y * y).sum().backward()
+    np.testing.assert_allclose(y.grad, [4.0, 8.0])
+
+
+def test_backward_errors():
+    with pytest.raises(RuntimeError, match="needs a scalar output, got shape \\(2,\\)"):
+        (tinytf.tensor([1.0, 2.0], requires_grad=True) * 2).backward()
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        tinytf.tensor(1.0).backward()
+    with pytest.raises(ValueError, match="expected the tensor's shape"):
+        (tinytf.tensor([1.0, 2.0], requires_grad=True) * 2).backward(np.ones(3))
+
+
+def test_integer_tensors_cannot_require_grad():
+    with pytest.raises(TypeError, match="only floating-point tensors can require gradients, got dtype int64"):
+        tinytf.tensor([1, 2], requires_grad=True)
+
+
+def test_backward_with_explicit_gradient():
+    x = tinytf.tensor([1.0, 2.0], requires_grad=True)
+    (x * x).backward(tinytf.tensor([1.0, 10.0]))
+    np.testing.assert_allclose(x.grad, [2.0, 40.0])
+
+
+def test_detach_cuts_the_graph_and_shares_data():
+    x = tinytf.tensor([1.0], requires_grad=True)
+    y = (x * 2).detach()
+    assert not y.requires_grad and y.is_leaf
+    z = x.detach()
+    z.data[0] = 5.0
+    assert x.item() == 5.0
+
+
+def test_repr_and_conversions():
+    x = tinytf.tensor([[1.0, 2.0]], requires_grad=True)
+    assert repr(x) == "tensor([[1., 2.]], requires_grad=True)"
+    assert "grad_fn=Mul" in repr(x * 2)
+    assert "dtype=float64" in repr(x.double())
+    assert tinytf.tensor([3.5]).item() == 3.5
+    assert x.tolist() == [[1.0, 2.0]]
+    assert isinstance(x.numpy(), np.ndarray)
+    with pytest.raises(ValueError, match="one element"):
+        x.item()
+
+
+class _FakeGpuArray(np.ndarray):
+    """A stand-in for a CuPy array, so the device checks can be exercised on a machine without a GPU."""
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+
+def test_mixing_devices_names_both(monkeypatch):
+    monkeypatch.setattr(backend, "_cupy", types.SimpleNamespace(ndarray=_FakeGpuArray))
+    on_gpu = tinytf.Tensor(np.ones(3).view(_FakeGpuArray))
+    assert on_gpu.device == "cuda:0"
+    with pytest.raises(RuntimeError, match="different devices, cuda:0 and cpu"):
+        on_gpu + tinytf.ones(3, dtype="float64")
