@@ -1,0 +1,251 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tinytf import checkpoint
+from tinytf.checkpoint import (
+    MANIFEST_NAME,
+    CheckpointError,
+    load_arrays,
+    load_checkpoint,
+    load_json,
+    save_arrays,
+    save_checkpoint,
+    save_json,
+    write_atomic,
+)
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "wte.weight": rng.standard_normal((7, 4)).astype(np.float32),
+        "blocks.0.ln.bias": rng.standard_normal(4).astype(np.float32),
+        "lm_head.weight.T": rng.standard_normal((4, 7)).T,  # a strided view must be saved as its values
+        "step": np.array(seed, dtype=np.int64),
+        "empty": np.zeros((0, 3), dtype=np.float16),
+    }
+
+
+def _meta(iteration=10):
+    rng_state = np.random.default_rng(1).bit_generator.state  # 128-bit integers, JSON keeps them exact
+    return {"iteration": iteration, "config": {"n_layer": 2, "name": "tïny"}, "rng": rng_state,
+            "loss": np.float32(1.5)}
+
+
+def _optimizer_state(scale=1.0):
+    return {
+        "state": [{"step": 3, "exp_avg": np.full((2, 2), scale), "exp_avg_sq": np.ones((2, 2))}, {}],
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}],
+    }
+
+
+def _assert_arrays_equal(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name, array in expected.items():
+        assert actual[name].dtype == array.dtype and actual[name].shape == array.shape, name
+        np.testing.assert_array_equal(actual[name], array)
+
+
+def _own_files(directory):
+    return sorted(path.name for path in directory.iterdir() if path.name != MANIFEST_NAME)
+
+
+def test_checkpoint_round_trips_weights_meta_and_optimizer_state(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", _weights(), _meta(), _optimizer_state())
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    _assert_arrays_equal(loaded.weights, _weights())
+    assert loaded.meta == {**_meta(), "loss": 1.5}
+    restored = np.random.default_rng()
+    restored.bit_generator.state = loaded.meta["rng"]
+    assert restored.random() == np.random.default_rng(1).random()
+    state = loaded.optimizer_state
+    assert state["param_groups"] == [{"lr": 1e-3, "betas": [0.9, 0.95], "params": [0, 1]}]
+    assert state["state"][0]["step"] == 3 and state["state"][1] == {}
+    np.testing.assert_array_equal(state["state"][0]["exp_avg"], np.full((2, 2), 1.0))
+
+
+def test_checkpoint_without_optimizer_state_loads_none(tmp_path):
+    save_checkpoint(tmp_path, _weights(), _meta())
+    assert load_checkpoint(tmp_path).optimizer_state is None
+
+
+def test_saving_again_replaces_the_checkpoint_and_removes_only_its_old_files(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    save_checkpoint(tmp_path, _weights(0), _meta(10), _optimizer_state(1.0))
+    first_files = _own_files(tmp_path)
+    save_checkpoint(tmp_path, _weights(1), _meta(20), _optimizer_state(2.0))
+    loaded = load_checkpoint(tmp_path)
+    _assert_arrays_equal(loaded.weights, _weights(1))
+    assert loaded.meta["iteration"] == 20
+    assert len(_own_files(tmp_path)) == len(first_files) and "metrics.jsonl" in _own_files(tmp_path)
+    assert not set(first_files) - {"metrics.jsonl"} & set(_own_files(tmp_path))
+
+
+def _failing_replace_for(target_name, calls):
+    real_replace = os.replace
+
+    def replace(source, destination):
+        calls.append(os.path.basename(destination))
+        if os.path.basename(destination).startswith(target_name):
+            raise OSError("simulated crash during os.replace")
+        real_replace(source, destination)
+
+    return replace
+
+
+@pytest.mark.parametrize("failing_file", ["weights-", "optimizer-", MANIFEST_NAME])
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch, failing_file):
+    save_checkpoint(tmp_path, _weights(0), _meta(10), _optimizer_state(1.0))
+    calls = []
+    monkeypatch.setattr(checkpoint.os, "replace", _failing_replace_for(failing_file, calls))
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(tmp_path, _weights(1), _meta(20), _optimizer_state(2.0))
+    assert calls[-1].startswith(failing_file)
+    monkeypatch.undo()
+
+    loaded = load_checkpoint(tmp_path)
+    _assert_arrays_equal(loaded.weights, _weights(0))
+    assert loaded.meta["iteration"] == 10
+    np.testing.assert_array_equal(loaded.optimizer_state["state"][0]["exp_avg"], np.full((2, 2), 1.0))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_a_crash_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    save_json(tmp_path / "config.json", {"version": 1})
+
+    def crash(file_descriptor):
+        raise OSError("simulated power loss before fsync")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(OSError, match="power loss"):
+        save_json(tmp_path / "config.json", {"version": 2})
+    monkeypatch.undo()
+    assert load_json(tmp_path / "config.json") == {"version": 1}
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_the_next_save_cleans_up_files_of_a_crashed_save(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, _weights(0), _meta(10))
+    monkeypatch.setattr(checkpoint.os, "replace", _failing_replace_for(MANIFEST_NAME, []))
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, _weights(1), _meta(20))
+    monkeypatch.undo()
+    (tmp_path / ".weights-0123abcd.safetensors.89abcdef.tmp").write_bytes(b"half a file")  # as a power cut leaves
+    assert len(_own_files(tmp_path)) == 3
+    save_checkpoint(tmp_path, _weights(2), _meta(30))
+    assert len(_own_files(tmp_path)) == 1
+
+
+def test_meta_that_is_not_json_fails_before_anything_is_written(tmp_path):
+    save_checkpoint(tmp_path, _weights(0), _meta(10))
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(TypeError, match="a set cannot be stored in a checkpoint's JSON"):
+        save_checkpoint(tmp_path, _weights(1), {"tags": {"a"}})
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_non_arrays_are_refused_by_name(tmp_path):
+    with pytest.raises(TypeError, match="'w' is a list, expected a NumPy or CuPy array"):
+        save_arrays(tmp_path / "w.safetensors", {"w": [1.0, 2.0]})
+
+
+def test_save_and_load_arrays_round_trip(tmp_path):
+    save_arrays(tmp_path / "model.safetensors", _weights())
+    _assert_arrays_equal(load_arrays(tmp_path / "model.safetensors"), _weights())
+
+
+def test_write_atomic_replaces_content(tmp_path):
+    write_atomic(tmp_path / "file", b"old")
+    write_atomic(tmp_path / "file", b"new")
+    assert (tmp_path / "file").read_bytes() == b"new"
+
+
+# --- errors on loading ------------------------------------------------------------------------------------------------
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_loading_a_missing_folder_or_manifest_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint folder not found: .*nowhere"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="holds no checkpoint: checkpoint.json is missing"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        load_checkpoint(tmp_path / "file")
+
+
+def _saved(tmp_path):
+    save_checkpoint(tmp_path, _weights(), _meta(), _optimizer_state())
+    return json.loads((tmp_path / MANIFEST_NAME).read_text())
+
+
+def test_malformed_manifest_json_is_reported_with_its_position(tmp_path):
+    _saved(tmp_path)
+    manifest_path = tmp_path / MANIFEST_NAME
+    manifest_path.write_text(manifest_path.read_text()[:40])
+    with pytest.raises(CheckpointError, match=r"checkpoint.json: malformed JSON at line \d+, column \d+"):
+        load_checkpoint(tmp_path)
+    manifest_path.write_bytes(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match="not UTF-8 JSON"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(format="something else"), "not a tinytf checkpoint manifest"),
+        (lambda m: m.update(version=99), "format version 99"),
+        (lambda m: m.pop("meta"), "malformed entries: meta"),
+        (lambda m: m.update(weights="../../etc/passwd"), "malformed entries: file names"),
+    ],
+)
+def test_a_manifest_with_wrong_entries_is_refused(tmp_path, edit, match):
+    manifest = _saved(tmp_path)
+    edit(manifest)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_or_damaged_array_files_are_reported(tmp_path):
+    manifest = _saved(tmp_path)
+    weights_path = tmp_path / manifest["weights"]
+    payload = weights_path.read_bytes()
+    weights_path.write_bytes(payload[:-5])
+    with pytest.raises(CheckpointError, match=f"{manifest['weights']}: file is truncated or corrupt"):
+        load_checkpoint(tmp_path)
+    weights_path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))  # one flipped bit in the data
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path)
+    weights_path.unlink()
+    with pytest.raises(CheckpointError, match=f"{manifest['weights']}: file is missing"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-3], lambda b: b[:5], lambda b: b"", lambda b: b"\xff" * 64])
+def test_load_arrays_reports_a_truncated_or_corrupt_safetensors_file(tmp_path, damage):
+    path = tmp_path / "model.safetensors"
+    save_arrays(path, _weights())
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a valid safetensors file"):
+        load_arrays(path)
+
+
+def test_load_json_reports_missing_and_malformed_files(tmp_path):
+    with pytest.raises(CheckpointError, match="state.json: file is missing"):
+        load_json(tmp_path / "state.json")
+    (tmp_path / "state.json").write_text('{"a": [1, 2')
+    with pytest.raises(CheckpointError, match="state.json: malformed JSON at line 1"):
+        load_json(tmp_path / "state.json")
+
+
+def test_load_arrays_reports_a_dtype_numpy_cannot_hold(tmp_path):
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(CheckpointError, match="bf16.safetensors: holds arrays of dtype 'BF16'"):
+        load_arrays(path)

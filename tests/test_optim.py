@@ -1,0 +1,319 @@
+import math
+
+import numpy as np
+import pytest
+
+import tinytf
+from tinytf.checkpoint import load_checkpoint, save_checkpoint
+from tinytf.optim import SGD, AdamW, clip_grad_norm_, lr_at, weight_decay_groups
+
+# Each parameter pulls towards its own target: grad = p - target, so the gradients depend on the updates so far.
+SHAPES = [(3, 4), (4,), (2, 3, 2)]
+
+
+def _problem(seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    params = [tinytf.tensor(rng.standard_normal(shape).astype(dtype), requires_grad=True) for shape in SHAPES]
+    targets = [rng.standard_normal(shape).astype(dtype) for shape in SHAPES]
+    return params, targets
+
+
+def _set_grads(params, targets):
+    for param, target in zip(params, targets):
+        param.grad = param.data - target
+
+
+# --- AdamW ------------------------------------------------------------------------------------------------------------
+def _adamw_reference(values, targets, steps, lr, betas, eps, weight_decay):
+    """Textbook AdamW in float64: decoupled decay, then Adam with bias-corrected moments."""
+    beta1, beta2 = betas
+    values = [v.astype(np.float64) for v in values]
+    m = [np.zeros_like(v) for v in values]
+    v2 = [np.zeros_like(v) for v in values]
+    for t in range(1, steps + 1):
+        for i, target in enumerate(targets):
+            grad = values[i] - target
+            values[i] = values[i] - lr * weight_decay * values[i]
+            m[i] = beta1 * m[i] + (1 - beta1) * grad
+            v2[i] = beta2 * v2[i] + (1 - beta2) * grad**2
+            m_hat = m[i] / (1 - beta1**t)
+            v_hat = v2[i] / (1 - beta2**t)
+            values[i] = values[i] - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return values
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_matches_the_textbook_update_over_several_steps(weight_decay):
+    params, targets = _problem()
+    initial = [p.data.copy() for p in params]
+    optimizer = AdamW(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    for _ in range(5):
+        _set_grads(params, targets)
+        optimizer.step()
+    expected = _adamw_reference(initial, targets, 5, 0.05, (0.8, 0.95), 1e-6, weight_decay)
+    for param, value in zip(params, expected):
+        np.testing.assert_allclose(param.data, value, rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_in_float32_stays_close_to_the_float64_reference():
+    params, targets = _problem(dtype=np.float32)
+    initial = [p.data.copy() for p in params]
+    optimizer = AdamW(params, lr=0.01)
+    for _ in range(5):
+        _set_grads(params, targets)
+        optimizer.step()
+    expected = _adamw_reference(initial, targets, 5, 0.01, (0.9, 0.999), 1e-8, 0.01)
+    for param, value in zip(params, expected):
+        assert param.data.dtype == np.float32
+        np.testing.assert_allclose(param.data, value, rtol=1e-5, atol=1e-6)
+
+
+def test_updates_are_in_place_and_leave_the_gradients_alone():
+    params, targets = _problem()
+    arrays = [p.data for p in params]
+    _set_grads(params, targets)
+    grads = [p.grad.copy() for p in params]
+    AdamW(params, weight_decay=0.1).step()
+    SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1).step()
+    assert all(p.data is array for p, array in zip(params, arrays))
+    for param, grad in zip(params, grads):
+        np.testing.assert_array_equal(param.grad, grad)
+
+
+def test_parameters_without_gradients_are_skipped_and_keep_their_own_step_count():
+    params, targets = _problem()
+    optimizer = AdamW(params, lr=0.1)
+    _set_grads(params, targets)
+    optimizer.step()
+    frozen = params[1].data.copy()
+    params[1].grad = None
+    optimizer.step()
+    np.testing.assert_array_equal(params[1].data, frozen)
+    assert [optimizer.state[id(p)]["step"] for p in params] == [2, 1, 2]
+
+
+def test_parameter_groups_take_their_own_options():
+    params, targets = _problem()
+    initial = [p.data.copy() for p in params]
+    optimizer = AdamW([{"params": params[:1], "lr": 0.2, "weight_decay": 0.5}, {"params": params[1:]}], lr=0.01)
+    _set_grads(params, targets)
+    optimizer.step()
+    first = _adamw_reference(initial[:1], targets[:1], 1, 0.2, (0.9, 0.999), 1e-8, 0.5)
+    rest = _adamw_reference(initial[1:], targets[1:], 1, 0.01, (0.9, 0.999), 1e-8, 0.01)
+    for param, value in zip(params, first + rest):
+        np.testing.assert_allclose(param.data, value, rtol=1e-12)
+
+
+# --- SGD --------------------------------------------------------------------------------------------------------------
+def _sgd_reference(values, targets, steps, lr, momentum, nesterov, weight_decay):
+    """torch.optim.SGD's documented algorithm (dampening 0), in float64."""
+    values = [v.astype(np.float64) for v in values]
+    buffers = [None] * len(values)
+    for _ in range(steps):
+        for i, target in enumerate(targets):
+            g = (values[i] - target) + weight_decay * values[i]
+            if momentum:
+                buffers[i] = g if buffers[i] is None else momentum * buffers[i] + g
+                g = g + momentum * buffers[i] if nesterov else buffers[i]
+            values[i] = values[i] - lr * g
+    return values
+
+
+@pytest.mark.parametrize(
+    "momentum, nesterov, weight_decay",
+    [(0.0, False, 0.0), (0.0, False, 0.1), (0.9, False, 0.0), (0.9, False, 0.1), (0.9, True, 0.0), (0.8, True, 0.1)],
+)
+def test_sgd_matches_the_reference_update_over_several_steps(momentum, nesterov, weight_decay):
+    params, targets = _problem()
+    initial = [p.data.copy() for p in params]
+    optimizer = SGD(params, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    for _ in range(4):
+        _set_grads(params, targets)
+        optimizer.step()
+    expected = _sgd_reference(initial, targets, 4, 0.1, momentum, nesterov, weight_decay)
+    for param, value in zip(params, expected):
+        np.testing.assert_allclose(param.data, value, rtol=1e-12, atol=1e-14)
+
+
+# --- state ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=0.05),
+    lambda params: SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+])
+def test_state_dict_through_a_checkpoint_continues_identically(tmp_path, make_optimizer):
+    params, targets = _problem()
+    optimizer = make_optimizer(params)
+    for _ in range(3):
+        _set_grads(params, targets)
+        optimizer.step()
+    save_checkpoint(tmp_path, {str(i): p.data for i, p in enumerate(params)}, {}, optimizer.state_dict())
+
+    loaded = load_checkpoint(tmp_path)
+    resumed_params = [tinytf.tensor(loaded.weights[str(i)], requires_grad=True) for i in range(len(params))]
+    resumed = make_optimizer(resumed_params)
+    for group in resumed.param_groups:
+        group["lr"] = 123.0  # the saved options must win, as in PyTorch
+    resumed.load_state_dict(loaded.optimizer_state)
+    for _ in range(3):
+        _set_grads(params, targets)
+        _set_grads(resumed_params, targets)
+        optimizer.step()
+        resumed.step()
+    for param, resumed_param in zip(params, resumed_params):
+        np.testing.assert_array_equal(param.data, resumed_param.data)
+
+
+def test_state_dict_is_a_snapshot():
+    params, targets = _problem()
+    optimizer = AdamW(params)
+    _set_grads(params, targets)
+    optimizer.step()
+    snapshot = optimizer.state_dict()
+    saved_avg = snapshot["state"][0]["exp_avg"].copy()
+    optimizer.step()
+    np.testing.assert_array_equal(snapshot["state"][0]["exp_avg"], saved_avg)
+    assert snapshot["param_groups"][0]["params"] == [0, 1, 2]
+
+
+def test_load_state_dict_rejects_mismatched_states_and_changes_nothing():
+    params, targets = _problem()
+    optimizer = AdamW(params)
+    _set_grads(params, targets)
+    optimizer.step()
+    state = optimizer.state_dict()
+    other = AdamW(_problem()[0])
+
+    wrong_shape = optimizer.state_dict()
+    wrong_shape["state"][2]["exp_avg"] = np.zeros((5,))
+    with pytest.raises(ValueError, match=r"saved 'exp_avg' of parameter 2 has shape \(5,\)"):
+        other.load_state_dict(wrong_shape)
+    assert other.state == {}
+    with pytest.raises(ValueError, match="1 parameter groups, this optimizer has 2"):
+        AdamW([{"params": params[:1]}, {"params": params[1:]}]).load_state_dict(state)
+    with pytest.raises(ValueError, match="expected \\['momentum_buffer'\\] for SGD"):
+        SGD(params, lr=0.1, momentum=0.9).load_state_dict(state)
+    bad_betas = optimizer.state_dict()
+    bad_betas["param_groups"][0]["betas"] = [0.9, 1.5]
+    with pytest.raises(ValueError, match="betas must be two numbers in"):
+        other.load_state_dict(bad_betas)
+
+
+def test_zero_grad_clears_gradients():
+    params, targets = _problem()
+    optimizer = SGD(params, lr=0.1)
+    _set_grads(params, targets)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ps: AdamW(ps, lr=-1.0), "lr must be a non-negative number, got -1.0"),
+        (lambda ps: AdamW(ps, betas=(0.9, 1.0)), "betas must be two numbers in"),
+        (lambda ps: AdamW(ps, eps=float("nan")), "eps must be a non-negative number"),
+        (lambda ps: SGD(ps, lr=0.1, nesterov=True), "nesterov=True needs momentum > 0"),
+        (lambda ps: SGD([{"params": ps, "weight_deacy": 0.1}], lr=0.1), r"unknown option\(s\) \['weight_deacy'\]"),
+        (lambda ps: SGD(ps + ps[:1], lr=0.1), "parameter 3 of group 0 .* appears more than once"),
+        (lambda ps: SGD([], lr=0.1), "empty parameter list"),
+        (lambda ps: SGD(ps[0], lr=0.1), "got a single Tensor"),
+        (lambda ps: SGD([ps[0].data], lr=0.1), "parameter 0 of group 0 is a ndarray, expected a Tensor"),
+    ],
+)
+def test_bad_optimizer_arguments_are_named(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make(_problem()[0])
+
+
+def test_weight_decay_groups_decay_only_matrices():
+    matrix, vector, tensor3 = _problem()[0]
+    frozen = tinytf.tensor(np.ones((2, 2)))
+    groups = weight_decay_groups([matrix, vector, tensor3, frozen], weight_decay=0.1)
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(matrix), id(tensor3)], [id(vector)]]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert len(weight_decay_groups([matrix], 0.1)) == 1
+    AdamW(groups, lr=1e-3)
+
+
+# --- clipping ---------------------------------------------------------------------------------------------------------
+def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
+    params, _ = _problem(dtype=np.float32)
+    rng = np.random.default_rng(1)
+    for param in params:
+        param.grad = rng.standard_normal(param.shape).astype(np.float32)
+    params[1].grad = None
+    grads = [p.grad.copy() for p in params if p.grad is not None]
+    expected_norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+
+    total = clip_grad_norm_(params, max_norm=1.0)
+    assert isinstance(total, float)
+    assert total == pytest.approx(expected_norm, rel=1e-6)
+    scale = 1.0 / (expected_norm + 1e-6)
+    clipped = [p.grad for p in params if p.grad is not None]
+    for grad, original in zip(clipped, grads):
+        np.testing.assert_allclose(grad, original * scale, rtol=1e-6)
+    assert math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in clipped)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clip_grad_norm_leaves_small_gradients_unchanged():
+    param = tinytf.tensor(np.zeros(4, dtype=np.float16), requires_grad=True)
+    param.grad = np.array([0.3, -0.4, 0.0, 0.0], dtype=np.float16)
+    assert clip_grad_norm_([param], max_norm=1.0) == pytest.approx(0.5, rel=1e-3)
+    np.testing.assert_array_equal(param.grad, np.array([0.3, -0.4, 0, 0], dtype=np.float16))
+    assert clip_grad_norm_([tinytf.tensor([1.0], requires_grad=True)], 1.0) == 0.0
+
+
+def test_clip_grad_norm_returns_a_non_finite_norm_for_the_caller_to_see():
+    param = tinytf.tensor(np.zeros(2, dtype=np.float32), requires_grad=True)
+    param.grad = np.array([np.inf, 1.0], dtype=np.float32)
+    assert math.isinf(clip_grad_norm_(param, 1.0))
+    with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
+        clip_grad_norm_(param, -1.0)
+
+
+# --- schedule ---------------------------------------------------------------------------------------------------------
+def test_lr_schedule_at_its_key_points():
+    def schedule(it):
+        return lr_at(it, lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=1100)
+
+    assert schedule(0) == pytest.approx(1e-3 / 101)
+    assert schedule(99) == pytest.approx(1e-3 * 100 / 101)
+    assert schedule(100) == pytest.approx(1e-3)
+    assert schedule(600) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert schedule(1100) == schedule(5000) == 1e-4
+    decay = [schedule(it) for it in range(100, 1101)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_lr_schedule_without_warmup_or_decay():
+    assert lr_at(0, lr=1.0, min_lr=0.1, warmup_iters=0, decay_iters=10) == 1.0
+    assert lr_at(5, lr=1.0, min_lr=0.1, warmup_iters=5, decay_iters=5) == 0.1
+
+
+def test_lr_schedule_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="iteration must be >= 0"):
+        lr_at(-1, lr=1.0, min_lr=0.1, warmup_iters=0, decay_iters=10)
+    with pytest.raises(ValueError, match="need 0 <= warmup_iters <= decay_iters"):
+        lr_at(0, lr=1.0, min_lr=0.1, warmup_iters=20, decay_iters=10)
+
+
+# --- optional parity with PyTorch -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_matches_pytorch_when_it_is_installed(kind):
+    torch = pytest.importorskip("torch", reason="torch is not installed (optional: pip install 'tinytf[bench]')")
+    params, targets = _problem(dtype=np.float32)
+    torch_params = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
+    if kind == "adamw":
+        ours = AdamW(params, lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
+        theirs = torch.optim.AdamW(torch_params, lr=0.05, betas=(0.8, 0.95), weight_decay=0.1)
+    else:
+        ours = SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+        theirs = torch.optim.SGD(torch_params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    for _ in range(5):
+        _set_grads(params, targets)
+        for torch_param, target in zip(torch_params, targets):
+            torch_param.grad = torch_param.detach() - torch.from_numpy(target)
+        ours.step()
+        theirs.step()
+    for param, torch_param in zip(params, torch_params):
+        np.testing.assert_allclose(param.data, torch_param.detach().numpy(), rtol=1e-6, atol=1e-7)

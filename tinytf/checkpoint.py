@@ -1,0 +1,289 @@
+"""Checkpoints: arrays as safetensors, everything else as JSON, every file written atomically.
+
+A checkpoint is a folder:
+
+    checkpoint.json                  the manifest: format version, the caller's `meta`, and the files below
+    weights-<token>.safetensors      the weights (a flat dict of arrays)
+    optimizer-<token>.safetensors    the optimizer state's arrays      } only when an optimizer state is saved;
+    optimizer-<token>.json           the rest of the optimizer state   } its arrays are replaced by {"$array": key}
+
+Each save writes its array files under a fresh token and replaces the manifest last. The manifest is the commit
+point: a crash at any moment leaves the previous manifest naming the previous files, which are untouched, so the
+old checkpoint loads whole; files of the superseded generation are deleted only after the new manifest is in place.
+The manifest also records each file's SHA-256, so a file damaged later is reported instead of loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from .backend import to_device
+
+MANIFEST_NAME = "checkpoint.json"
+FORMAT_NAME = "tinytf-checkpoint"
+FORMAT_VERSION = 1
+ARRAY_MARKER = "$array"
+
+# Files a save may leave behind: its generations' array files and the temporary files of interrupted writes.
+_OWN_NAME = r"(weights|optimizer)-[0-9a-f]{8}\.(safetensors|json)"
+_OWN_FILE = re.compile(rf"^{_OWN_NAME}$")
+_TEMPORARY_FILE = re.compile(rf"^\.({_OWN_NAME}|checkpoint\.json)\.[0-9a-f]{{8}}\.tmp$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, incomplete or corrupt; the message names the path and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    weights: dict[str, np.ndarray]
+    meta: dict
+    optimizer_state: Any = None
+
+
+# --- single files -----------------------------------------------------------------------------------------------------
+def write_atomic(path, payload: bytes) -> None:
+    """Write `payload` to `path` so that `path` holds either its old content or all of the new one, never a part."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # same folder: os.replace cannot cross
+    try:
+        with open(temporary, "wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the rename can be
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX: the rename lives in the folder's entry table)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def arrays_to_bytes(arrays: Mapping[str, Any]) -> bytes:
+    """Safetensors bytes of a dict of NumPy or CuPy arrays (copied to the host first)."""
+    host_arrays = {}
+    for name, array in arrays.items():
+        if not isinstance(name, str):
+            raise TypeError(f"array names must be strings, got {name!r}")
+        if not hasattr(array, "shape") or not hasattr(array, "dtype") or isinstance(array, np.generic):
+            raise TypeError(f"{name!r} is a {type(array).__name__}, expected a NumPy or CuPy array")
+        host_array = to_device(array, "cpu")
+        # safetensors reads the raw buffer, so a strided view (a transpose) would be saved scrambled. (Not
+        # np.ascontiguousarray: it turns 0-d arrays into 1-d ones.)
+        host_arrays[name] = host_array if host_array.flags.c_contiguous else host_array.copy(order="C")
+    return safetensors.numpy.save(host_arrays)
+
+
+def save_arrays(path, arrays: Mapping[str, Any]) -> None:
+    write_atomic(path, arrays_to_bytes(arrays))
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    return _arrays_from_bytes(Path(path), _read_bytes(Path(path)))
+
+
+def save_json(path, value) -> None:
+    write_atomic(path, _json_bytes(value))
+
+
+def load_json(path):
+    return _json_from_bytes(Path(path), _read_bytes(Path(path)))
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
+def _arrays_from_bytes(path: Path, payload: bytes) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load(payload)
+    except safetensors.SafetensorError as error:
+        raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({error})") from None
+    except KeyError as error:  # a dtype missing from safetensors.numpy's table, such as bfloat16
+        raise CheckpointError(f"{path}: holds arrays of dtype {error} that NumPy cannot represent") from None
+
+
+def _json_bytes(value) -> bytes:
+    return json.dumps(value, indent=1, default=_json_scalar).encode("utf-8")
+
+
+def _json_scalar(value):
+    """json.dumps hook: NumPy scalars (np.float32(0.1), np.int64(3)) become Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a {type(value).__name__} cannot be stored in a checkpoint's JSON: {value!r:.80}")
+
+
+def _json_from_bytes(path: Path, payload: bytes):
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path}: not UTF-8 JSON (invalid byte at offset {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+
+
+# --- nested states: arrays out, JSON skeleton in ----------------------------------------------------------------------
+def split_arrays(tree) -> tuple[Any, dict[str, Any]]:
+    """Replace every array in a nest of dicts, lists and tuples by {"$array": dotted.path}.
+
+    Returns (skeleton, arrays): the skeleton is JSON-able (in JSON, tuples become lists and dict keys strings),
+    arrays maps the paths to the arrays.
+    """
+    arrays: dict[str, Any] = {}
+
+    def visit(node, path: str):
+        if isinstance(node, Mapping):
+            if ARRAY_MARKER in node:
+                raise ValueError(f"the key {ARRAY_MARKER!r} is reserved for array references (at {path or 'the top'})")
+            return {key: visit(value, f"{path}.{key}" if path else str(key)) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [visit(value, f"{path}.{index}" if path else str(index)) for index, value in enumerate(node)]
+        if hasattr(node, "shape") and hasattr(node, "dtype") and not isinstance(node, np.generic):
+            if path in arrays:
+                raise ValueError(f"two arrays of the state map to the same key {path!r}")
+            arrays[path] = node
+            return {ARRAY_MARKER: path}
+        return node
+
+    return visit(tree, ""), arrays
+
+
+def join_arrays(skeleton, arrays: Mapping[str, np.ndarray]):
+    """Inverse of `split_arrays`: put the arrays back where the skeleton has {"$array": key}."""
+
+    def visit(node):
+        if isinstance(node, dict):
+            if set(node) == {ARRAY_MARKER}:
+                return arrays[node[ARRAY_MARKER]]
+            return {key: visit(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [visit(value) for value in node]
+        return node
+
+    return visit(skeleton)
+
+
+# --- checkpoint folders -----------------------------------------------------------------------------------------------
+def save_checkpoint(directory, weights: Mapping[str, Any], meta: Mapping, optimizer_state=None) -> Path:
+    """Write a checkpoint into `directory` (created if needed), replacing the one there atomically.
+
+    weights: name -> array (NumPy or CuPy). meta: JSON-able dict (config, tokenizer, iteration, RNG states, ...).
+    optimizer_state: an optimizer's `state_dict()` or None. Returns the manifest's path.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    while (directory / f"weights-{token}.safetensors").exists():  # never overwrite the live generation's files
+        token = secrets.token_hex(4)
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "meta": meta,
+        "weights": f"weights-{token}.safetensors",
+        "optimizer": None,
+    }
+    files: dict[str, bytes] = {manifest["weights"]: arrays_to_bytes(weights)}
+    if optimizer_state is not None:
+        skeleton, optimizer_arrays = split_arrays(optimizer_state)
+        manifest["optimizer"] = {"arrays": f"optimizer-{token}.safetensors", "state": f"optimizer-{token}.json"}
+        files[manifest["optimizer"]["arrays"]] = arrays_to_bytes(optimizer_arrays)
+        files[manifest["optimizer"]["state"]] = _json_bytes(skeleton)
+    manifest["sha256"] = {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()}
+    manifest_bytes = _json_bytes(manifest)  # fails on a non-JSON-able meta before anything is written
+
+    for name, payload in files.items():
+        write_atomic(directory / name, payload)
+    write_atomic(directory / MANIFEST_NAME, manifest_bytes)
+    _delete_superseded_files(directory, keep=set(files))
+    return directory / MANIFEST_NAME
+
+
+def _delete_superseded_files(directory: Path, keep: set[str]) -> None:
+    for path in directory.iterdir():
+        if path.name not in keep and (_OWN_FILE.match(path.name) or _TEMPORARY_FILE.match(path.name)):
+            path.unlink(missing_ok=True)
+
+
+def load_checkpoint(directory) -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint`; a CheckpointError says what is missing or corrupt."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint folder not found: {directory}")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; a checkpoint is a folder holding {MANIFEST_NAME}")
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise CheckpointError(f"{directory} holds no checkpoint: {MANIFEST_NAME} is missing")
+    manifest = load_json(manifest_path)
+    _check_manifest(manifest_path, manifest)
+
+    def read_verified(name: str) -> tuple[Path, bytes]:
+        path = directory / name
+        payload = _read_bytes(path)
+        if hashlib.sha256(payload).hexdigest() != manifest["sha256"].get(name):
+            raise CheckpointError(f"{path}: file is truncated or corrupt (its SHA-256 differs from {MANIFEST_NAME}'s)")
+        return path, payload
+
+    weights = _arrays_from_bytes(*read_verified(manifest["weights"]))
+    optimizer_state = None
+    if manifest["optimizer"] is not None:
+        arrays = _arrays_from_bytes(*read_verified(manifest["optimizer"]["arrays"]))
+        state_path, state_bytes = read_verified(manifest["optimizer"]["state"])
+        try:
+            optimizer_state = join_arrays(_json_from_bytes(state_path, state_bytes), arrays)
+        except KeyError as error:
+            raise CheckpointError(f"{state_path}: refers to array {error} that its safetensors file lacks") from None
+    return Checkpoint(weights=weights, meta=manifest["meta"], optimizer_state=optimizer_state)
+
+
+def _check_manifest(path: Path, manifest) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not a tinytf checkpoint manifest (no \"format\": \"{FORMAT_NAME}\")")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {manifest.get('version')!r}, this tinytf reads version {FORMAT_VERSION}"
+        )
+    optimizer = manifest.get("optimizer", "absent")
+    file_names = [manifest.get("weights")]
+    if isinstance(optimizer, dict):
+        file_names += [optimizer.get("arrays"), optimizer.get("state")]
+    entries_valid = {
+        "meta": isinstance(manifest.get("meta"), dict),
+        "optimizer": optimizer is None or isinstance(optimizer, dict),
+        "sha256": isinstance(manifest.get("sha256"), dict),
+        # Only names this module writes: a manifest must not send the loader to other paths.
+        "file names": all(isinstance(name, str) and _OWN_FILE.match(name) for name in file_names),
+    }
+    problems = [entry for entry, valid in entries_valid.items() if not valid]
+    if problems:
+        raise CheckpointError(f"{path}: missing or malformed entries: {', '.join(problems)}")

@@ -1,0 +1,321 @@
+"""Optimizers (SGD, AdamW), gradient clipping and nanoGPT's warmup + cosine learning-rate schedule.
+
+The updates are PyTorch's, formula for formula, and run in place on each parameter's array (NumPy or CuPy) with
+`out=` ufuncs. State arrays are allocated once, on a parameter's first step; the intermediate results of a step go to
+one scratch buffer shared by all parameters, so a step allocates next to nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+
+from .backend import device_of, get_array_module, to_device
+from .tensor import Tensor
+
+
+class Optimizer:
+    """Parameter groups and state bookkeeping; subclasses write `_update` (one parameter's step) and `_check`.
+
+    `param_groups` is a list of dicts: "params" (a list of Tensors) and the options of that group, which default to
+    the optimizer's own (`defaults`). Change `group["lr"]` to schedule the learning rate.
+    """
+
+    state_keys: frozenset[str] = frozenset()  # what a parameter's state holds once it has taken a step
+
+    def __init__(self, params, defaults: dict):
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of Tensors or of parameter-group dicts, got a single Tensor")
+        self.defaults = defaults
+        self.param_groups: list[dict] = []
+        self.state: dict[int, dict] = {}  # id(parameter) -> its state; ids, because Tensors compare elementwise
+        self._scratch: dict[tuple, object] = {}
+        groups = list(params)
+        if not groups:
+            raise ValueError("the optimizer got an empty parameter list")
+        if not isinstance(groups[0], Mapping):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def add_param_group(self, group: Mapping) -> None:
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise TypeError(f"a parameter group must be a dict with a 'params' entry, got {group!r:.80}")
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} for {type(self).__name__}; "
+                f"its options are {sorted(self.defaults)}"
+            )
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen = {id(p) for existing in self.param_groups for p in existing["params"]}
+        for index, param in enumerate(params):
+            if not isinstance(param, Tensor):
+                raise TypeError(f"parameter {index} of group {len(self.param_groups)} is a {type(param).__name__}, "
+                                "expected a Tensor")
+            if id(param) in seen:
+                raise ValueError(f"parameter {index} of group {len(self.param_groups)} (shape {param.shape}) appears "
+                                 "more than once in the optimizer; pass each parameter once")
+            seen.add(id(param))
+        options = {**self.defaults, **{key: value for key, value in group.items() if key != "params"}}
+        self._check(options)
+        self.param_groups.append({"params": params, **options})
+
+    def _check(self, options: dict) -> None:
+        """Raise a ValueError naming any invalid option value."""
+        raise NotImplementedError
+
+    def _update(self, param, grad, state: dict, group: dict) -> None:
+        """Update the array `param` in place from `grad`, creating `state` on the first step."""
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.grad = None
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient; parameters whose grad is None are left alone."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param.data, param.grad, self.state.setdefault(id(param), {}), group)
+
+    def _scratch_like(self, array):
+        """A scratch array of `array`'s shape, dtype and device: a view into one buffer per (device, dtype)."""
+        key = (device_of(array), array.dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.size < array.size:
+            # Sized for the largest parameter at once, so the first step does not grow it parameter by parameter.
+            largest = max(p.data.size for group in self.param_groups for p in group["params"])
+            buffer = get_array_module(array).empty(max(largest, array.size), dtype=array.dtype)
+            self._scratch[key] = buffer
+        return buffer[: array.size].reshape(array.shape)
+
+    def _parameters(self) -> list[Tensor]:
+        return [param for group in self.param_groups for param in group["params"]]
+
+    def state_dict(self) -> dict:
+        """{"state": one dict per parameter (in group order), "param_groups": options with "params" as positions}.
+
+        The state arrays are copies, so the result stays a snapshot while training goes on.
+        """
+        parameters = self._parameters()
+        state = [
+            {key: value.copy() if hasattr(value, "copy") else value for key, value in self.state.get(id(p), {}).items()}
+            for p in parameters
+        ]
+        groups, position = [], 0
+        for group in self.param_groups:
+            options = {key: value for key, value in group.items() if key != "params"}
+            options["params"] = list(range(position, position + len(group["params"])))
+            position += len(group["params"])
+            groups.append(options)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore a `state_dict()` (possibly read back from a checkpoint) for the same parameters, in the same order.
+
+        Options (lr, betas, ...) come from the saved groups, as in PyTorch. Nothing changes unless all of it is valid.
+        """
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the saved state has {len(saved_groups)} parameter groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"group {index} has {len(saved['params'])} parameters in the saved state, "
+                                 f"{len(group['params'])} in this optimizer")
+        parameters = self._parameters()
+        if len(saved_state) != len(parameters):
+            raise ValueError(
+                f"the saved state has {len(saved_state)} parameter states for {len(parameters)} parameters"
+            )
+
+        new_options = []
+        for saved in saved_groups:
+            # JSON turned tuples (betas) into lists.
+            options = {key: tuple(value) if isinstance(value, list) else value
+                       for key, value in saved.items() if key in self.defaults}
+            self._check({**self.defaults, **options})
+            new_options.append(options)
+        new_state = {id(param): self._restored_state(index, param, saved)
+                     for index, (param, saved) in enumerate(zip(parameters, saved_state))}
+
+        for group, options in zip(self.param_groups, new_options):
+            group.update(options)
+        self.state = new_state
+
+    def _restored_state(self, index: int, param: Tensor, saved: Mapping) -> dict:
+        if saved and set(saved) != self.state_keys:
+            raise ValueError(f"the saved state of parameter {index} has entries {sorted(saved)}, expected "
+                             f"{sorted(self.state_keys)} for {type(self).__name__}")
+        state = {}
+        for key, value in saved.items():
+            if hasattr(value, "shape"):
+                if tuple(value.shape) != param.shape:
+                    raise ValueError(f"the saved {key!r} of parameter {index} has shape {tuple(value.shape)}, "
+                                     f"the parameter has shape {param.shape}")
+                # A copy on the parameter's device: the optimizer must own its state, not share the caller's arrays.
+                value = to_device(value, param.device).astype(param.dtype, copy=True)
+            else:
+                value = int(value)
+            state[key] = value
+        return state
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, Nesterov momentum and L2 weight decay, as torch.optim.SGD:
+
+        g = grad + weight_decay * p
+        b = g                      on the first step, then  b = momentum * b + g
+        g = g + momentum * b       with nesterov, else      g = b
+        p = p - lr * g
+    """
+
+    state_keys = frozenset({"momentum_buffer"})
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+
+    def _check(self, options: dict) -> None:
+        _require_non_negative(options, "lr", "momentum", "weight_decay")
+        if options["nesterov"] and options["momentum"] <= 0:
+            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={options['momentum']!r}")
+
+    def _update(self, param, grad, state: dict, group: dict) -> None:
+        xp = get_array_module(param)
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        scratch = self._scratch_like(param)
+        update = grad
+        if weight_decay != 0:
+            # SGD's decay is L2 (added to the gradient, unlike AdamW's); computed aside so p.grad stays as it was.
+            update = xp.multiply(param, weight_decay, out=scratch)
+            update += grad
+        if momentum != 0:
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = update.copy()
+            else:
+                buffer *= momentum
+                buffer += update
+            update = xp.add(update, momentum * buffer, out=scratch) if group["nesterov"] else buffer
+        xp.multiply(update, lr, out=scratch)
+        param -= scratch
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), exactly as torch.optim.AdamW:
+
+        p = p * (1 - lr * weight_decay)
+        m = beta1 * m + (1 - beta1) * grad,    v = beta2 * v + (1 - beta2) * grad²
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+
+    state_keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _check(self, options: dict) -> None:
+        _require_non_negative(options, "lr", "eps", "weight_decay")
+        betas = options["betas"]
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+
+    def _update(self, param, grad, state: dict, group: dict) -> None:
+        xp = get_array_module(param)
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        if not state:
+            state.update(step=0, exp_avg=xp.zeros_like(param), exp_avg_sq=xp.zeros_like(param))
+        state["step"] += 1
+        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        scratch = self._scratch_like(param)
+
+        if weight_decay != 0:
+            param *= 1.0 - lr * weight_decay
+        # m += (1 - beta1) * (grad - m): PyTorch's lerp form of the moving average
+        xp.subtract(grad, exp_avg, out=scratch)
+        scratch *= 1.0 - beta1
+        exp_avg += scratch
+        # v = beta2 * v + (1 - beta2) * grad²
+        exp_avg_sq *= beta2
+        xp.multiply(grad, grad, out=scratch)
+        scratch *= 1.0 - beta2
+        exp_avg_sq += scratch
+        # denominator = sqrt(v) / sqrt(1 - beta2^t) + eps; then p -= lr / (1 - beta1^t) * m / denominator
+        xp.sqrt(exp_avg_sq, out=scratch)
+        scratch /= math.sqrt(1.0 - beta2**step)
+        scratch += eps
+        xp.divide(exp_avg, scratch, out=scratch)
+        scratch *= lr / (1.0 - beta1**step)
+        param -= scratch
+
+
+def _require_non_negative(options: dict, *names: str) -> None:
+    for name in names:
+        value = options[name]
+        if not isinstance(value, numbers.Real) or not value >= 0:  # `not >=` also rejects NaN
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def weight_decay_groups(params: Iterable[Tensor], weight_decay: float) -> list[dict]:
+    """nanoGPT's rule: decay matrices (ndim >= 2: linear and embedding weights), not biases or norm gains.
+
+    Returns the parameter groups (trainable parameters only, empty groups dropped) for an optimizer.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if len(p.shape) >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if len(p.shape) < 2], "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """Scale all gradients in place so that their joint L2 norm is at most `max_norm`; return the norm before.
+
+    As torch.nn.utils.clip_grad_norm_: the scale is max_norm / (norm + 1e-6), applied only when below 1. The norm is
+    accumulated in float32 (or wider if the gradients are). A NaN or infinite norm is returned and nothing is scaled.
+    """
+    if not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
+        raise ValueError(f"max_norm must be a non-negative number, got {max_norm!r}")
+    params = [params] if isinstance(params, Tensor) else params
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = get_array_module(*grads)
+    # vdot: one fused pass per gradient with no temporary, and one host sync for the total.
+    squares = [xp.vdot(g.ravel(), g.ravel()) for g in (_at_least_float32(xp, g) for g in grads)]
+    total_norm = float(xp.sqrt(xp.sum(xp.stack(squares))))
+    scale = max_norm / (total_norm + 1e-6)
+    if scale < 1.0 and math.isfinite(total_norm):
+        for grad in grads:
+            grad *= scale
+    return total_norm
+
+
+def _at_least_float32(xp, array):
+    return array.astype(xp.float32) if array.dtype.itemsize < 4 else array
+
+
+def lr_at(iteration: int, *, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+    """nanoGPT's get_lr: linear warmup to `lr` over `warmup_iters`, cosine decay to `min_lr` at `decay_iters`.
+
+    Warmup starts at lr / (warmup_iters + 1), not 0, so the first step already moves the weights.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    if not 0 <= warmup_iters <= decay_iters:
+        raise ValueError(f"need 0 <= warmup_iters <= decay_iters, got warmup_iters={warmup_iters}, "
+                         f"decay_iters={decay_iters}")
+    if iteration < warmup_iters:
+        return lr * (iteration + 1) / (warmup_iters + 1)
+    if iteration >= decay_iters:
+        return min_lr
+    progress = (iteration - warmup_iters) / (decay_iters - warmup_iters)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
