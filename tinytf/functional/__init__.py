@@ -37,6 +37,7 @@ from .embedding import embedding, one_hot
 from .linalg import linear, matmul
 from .loss import cross_entropy
 from .normalization import layer_norm, rms_norm
+from .rotary import apply_rotary, rotary_tables, sinusoidal_table
 from .reduction import argmax, logsumexp, max, mean, min, sum, var
 from .shape import (
     cat,

@@ -1,0 +1,41 @@
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from op_check import check_op, random_array
+
+import tinytf.functional as F
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _rope_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+@given(seed=seeds, T=st.integers(1, 6), half=st.integers(1, 4), theta=st.sampled_from([10.0, 10000.0]))
+def test_rotary_matches_rotate_half_reference(seed, T, half, theta):
+    D = 2 * half
+    cos, sin = F.rotary_tables(D, T, theta)
+    check_op(lambda x: F.apply_rotary(x, cos, sin), lambda x: _rope_reference(x, cos, sin),
+             random_array(seed, (2, 3, T, D)))
+
+
+def test_rotary_preserves_norms_and_relative_angles():
+    cos, sin = F.rotary_tables(8, 16)
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal(8), rng.standard_normal(8)
+
+    def at(vector, position):
+        return _rope_reference(vector, cos[position], sin[position])
+
+    np.testing.assert_allclose(np.linalg.norm(at(q, 5)), np.linalg.norm(q), rtol=1e-6)
+    np.testing.assert_allclose(at(q, 7) @ at(k, 3), at(q, 12) @ at(k, 8), rtol=1e-5)
+
+
+def test_sinusoidal_table_matches_the_paper():
+    table = F.sinusoidal_table(50, 6)
+    position, i = 17, 2
+    np.testing.assert_allclose(table[position, 2 * i], np.sin(position / 10000 ** (2 * i / 6)), rtol=1e-6)
+    np.testing.assert_allclose(table[position, 2 * i + 1], np.cos(position / 10000 ** (2 * i / 6)), rtol=1e-6)

@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+import tinytf
+from tinytf.models import GPT, GPTConfig
+from tinytf.optim import AdamW
+
+SMALL = dict(vocab_size=11, block_size=12, n_layer=2, n_head=4, n_embd=16)
+
+
+def _model(preset, **overrides):
+    tinytf.manual_seed(0)
+    return GPT(GPTConfig.from_preset(preset, **{**SMALL, **overrides}))
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_shapes_and_loss(preset):
+    model = _model(preset)
+    ids = np.random.default_rng(0).integers(0, 11, (3, 12))
+    logits, loss = model(ids, ids)
+    assert logits.shape == (3, 12, 11) and loss.shape == ()
+    assert model(ids)[1] is None
+    loss.backward()
+    assert all(p.grad is not None and np.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_parameter_counts_follow_the_architecture():
+    C, V, T, L = 16, 11, 12, 2
+    gpt2 = _model("gpt2")
+    per_block = (2 * C + C * 3 * C + 3 * C + C * C + C) + (2 * C + C * 4 * C + 4 * C + 4 * C * C + C)
+    assert gpt2.num_parameters() == V * C + T * C + L * per_block + 2 * C  # tied head adds nothing
+    llama = _model("llama")
+    hidden = llama.config.mlp_hidden
+    assert llama.config.n_kv_head == 2 and hidden == 64
+    per_block = C + C * (C + 2 * C // 2) + C * C + C + 3 * C * hidden
+    assert llama.num_parameters() == V * C + L * per_block + C
+
+
+def test_presets_and_config_errors():
+    config = GPTConfig.from_preset("llama", n_head=8, n_embd=64)
+    assert (config.norm, config.mlp, config.pos, config.bias, config.n_kv_head) == ("rmsnorm", "swiglu", "rope", False, 4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.from_preset("bert")
+    with pytest.raises(ValueError, match="GPTConfig.norm must be one of"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3)
+
+
+def test_residual_projections_get_scaled_init():
+    model = _model("gpt2", n_layer=8, n_embd=64, n_head=4)
+    std_proj = model.blocks[0].attn.c_proj.weight.numpy().std()
+    std_fc = model.blocks[0].mlp.c_fc.weight.numpy().std()
+    assert std_fc == pytest.approx(0.02, rel=0.1) and std_proj == pytest.approx(0.02 / 4, rel=0.1)
+    assert model.lm_head.weight is model.wte.weight
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+@pytest.mark.parametrize("pos", [None, "sinusoidal"])
+def test_kv_cache_generation_equals_full_recompute(preset, pos):
+    model = _model(preset, **({"pos": pos} if pos else {}))
+    prompt = np.random.default_rng(1).integers(0, 11, (2, 3))
+    # 20 new tokens: past block_size (12), so the sliding window is exercised too.
+    cached = model.generate(prompt, 20, temperature=0, use_cache=True).numpy()
+    recomputed = model.generate(prompt, 20, temperature=0, use_cache=False).numpy()
+    np.testing.assert_array_equal(cached, recomputed)
+    assert cached.shape == (2, 23)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = _model("gpt2")
+    first = model.generate([[1, 2]], 10, temperature=1.0, top_k=5, rng=np.random.default_rng(3)).numpy()
+    second = model.generate([[1, 2]], 10, temperature=1.0, top_k=5, rng=np.random.default_rng(3)).numpy()
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_overfits_one_batch(preset):
+    model = _model(preset)
+    optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    ids = np.random.default_rng(0).integers(0, 11, (4, 12))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    for _ in range(250):
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.02
+
+
+def test_input_errors_name_the_problem():
+    model = _model("gpt2")
+    with pytest.raises(IndexError, match="id 11 is out of range for a vocabulary of size 11"):
+        model([[1, 11]])
+    with pytest.raises(ValueError, match="longer than the model's block_size 12"):
+        model(np.zeros((1, 13), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"shape \(batch, time\)"):
+        model(np.zeros(5, dtype=np.int64))
+
+
+def test_generation_leaves_training_mode_as_it_was():
+    model = _model("gpt2", dropout=0.1)
+    model.train()
+    model.generate([[1]], 2)
+    assert model.training

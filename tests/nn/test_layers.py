@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+import tinytf
+from tinytf import nn
+
+
+def test_layer_shapes_and_parameter_counts():
+    x = tinytf.randn(2, 5, 8)
+    assert nn.Linear(8, 3)(x).shape == (2, 5, 3) and nn.Linear(8, 3).num_parameters() == 27
+    assert nn.Linear(8, 3, bias=False).num_parameters() == 24
+    assert nn.Embedding(10, 4)(tinytf.tensor([[1, 2]])).shape == (1, 2, 4)
+    assert nn.LayerNorm(8)(x).shape == x.shape and nn.LayerNorm(8, bias=False).num_parameters() == 8
+    assert nn.RMSNorm(8)(x).shape == x.shape and nn.RMSNorm(8).num_parameters() == 8
+    assert nn.GELUMLP(8, 32)(x).shape == x.shape and nn.GELUMLP(8, 32).num_parameters() == 8 * 32 * 2 + 32 + 8
+    assert nn.SwiGLUMLP(8, 24)(x).shape == x.shape and nn.SwiGLUMLP(8, 24).num_parameters() == 3 * 8 * 24
+
+
+def test_linear_init_matches_pytorch_bound():
+    layer = nn.Linear(100, 50)
+    assert np.abs(layer.weight.numpy()).max() <= 0.1 and np.abs(layer.weight.numpy()).max() > 0.09
+
+
+def test_dropout_module_follows_train_and_eval():
+    layer = nn.Dropout(0.5)
+    x = tinytf.ones(1000)
+    assert (layer(x).numpy() == 0).any()
+    layer.eval()
+    assert layer(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        nn.Dropout(1.5)
+
+
+def test_swiglu_matches_its_formula():
+    mlp = nn.SwiGLUMLP(4, 6)
+    x = tinytf.randn(3, 4)
+    gate = x.numpy() @ mlp.gate.weight.numpy().T
+    up = x.numpy() @ mlp.up.weight.numpy().T
+    expected = (gate / (1 + np.exp(-gate)) * up) @ mlp.c_proj.weight.numpy().T
+    np.testing.assert_allclose(mlp(x).numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,64 @@
+"""The sampling CLI: streaming, reproducibility and bad input."""
+
+import io
+
+import pytest
+
+import tinytf.sample as sample_module
+import tinytf.train as train_module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sample")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("ROMEO: good night, good night!\nJULIET: parting is such sweet sorrow.\n" * 40, encoding="utf-8")
+    assert train_module.main(["--data", str(corpus), "--out", str(folder / "run"), "--iters", "30", "--n-layer", "1",
+                              "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+                              "--eval-interval", "30", "--eval-iters", "1"]) == 0
+    return folder / "run"
+
+
+def _sample(checkpoint, *extra):
+    args = sample_module.build_parser().parse_args(["--ckpt", str(checkpoint), *map(str, extra)])
+    out = io.StringIO()
+    sample_module.sample(args, out)
+    return out.getvalue()
+
+
+def test_sampling_is_reproducible_and_cache_agnostic(checkpoint):
+    first = _sample(checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 3)
+    assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 40 + 1
+    assert first == _sample(checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--seed", 3)
+    greedy = _sample(checkpoint, "--prompt", "JULIET:", "--max-new-tokens", 40, "--temperature", 0)
+    assert greedy == _sample(checkpoint, "--prompt", "JULIET:", "--max-new-tokens", 40, "--temperature", 0,
+                             "--no-cache")
+
+
+def test_long_prompt_is_cropped_with_a_notice(checkpoint, capsys):
+    text = _sample(checkpoint, "--prompt", "good night " * 5, "--max-new-tokens", 5)
+    assert text.startswith("good night ")
+    assert "model sees only the last 16" in capsys.readouterr().err
+
+
+def test_unknown_characters_in_the_prompt(checkpoint, capsys):
+    assert sample_module.main(["--ckpt", str(checkpoint), "--prompt", "ROMEO€ZQ"]) == 2
+    err = capsys.readouterr().err
+    assert "tinytf.sample: error: the prompt cannot be encoded" in err and "'€'" in err
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path, checkpoint, capsys):
+    assert sample_module.main(["--ckpt", str(tmp_path / "nowhere")]) == 2
+    assert "cannot load the checkpoint" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoint.json").write_text("{not json")
+    assert sample_module.main(["--ckpt", str(broken)]) == 2
+    assert "cannot load the checkpoint" in capsys.readouterr().err
+
+
+def test_bad_sampling_arguments(checkpoint, capsys):
+    for flags, message in [(["--top-k", "0"], "--top-k"), (["--top-p", "2"], "--top-p"),
+                           (["--temperature", "-1"], "--temperature"), (["--prompt", ""], "--prompt")]:
+        assert sample_module.main(["--ckpt", str(checkpoint), *flags]) == 2
+        assert message in capsys.readouterr().err

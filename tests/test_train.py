@@ -1,0 +1,152 @@
+"""The training CLI end to end, in temporary folders: runs, resume, checkpoints, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinytf.train as train_module
+from tinytf.checkpoint import load_checkpoint
+from tinytf.models import GPT
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--seed", "7"]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def _run(*args):
+    return train_module.main([*TINY, *map(str, args)])
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_metrics_and_a_checkpoint_and_lowers_the_loss(tmp_path, text_file):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 300, "--eval-interval", 100, "--lr", "3e-3") == 0
+    records = _metrics(out)
+    assert [r["iter"] for r in records] == [100, 200, 300]
+    assert set(records[0]) == {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
+    # Below the entropy of the character frequencies: only a model that uses the context gets there.
+    _, counts = np.unique(list(text_file.read_text()), return_counts=True)
+    unigram_entropy = -(counts / counts.sum() * np.log(counts / counts.sum())).sum()
+    assert records[-1]["val_loss"] < unigram_entropy - 0.5
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.meta["iteration"] == 299 and checkpoint.optimizer_state is not None
+
+
+class _StopAfter:
+    """Stands in for Ctrl-C: asks the loop to stop once `steps` steps have completed."""
+
+    def __init__(self, steps):
+        self.steps, self.checks = steps, 0
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks >= self.steps
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, text_file, monkeypatch, preset):
+    common = ["--data", text_file, "--iters", 12, "--eval-interval", 4, "--dropout", "0.1", "--preset", preset]
+    assert _run(*common, "--out", tmp_path / "straight") == 0
+
+    monkeypatch.setattr(train_module, "StopRequest", _StopAfter(6))
+    assert _run(*common, "--out", tmp_path / "resumed") == 130
+    assert load_checkpoint(tmp_path / "resumed").meta["iteration"] == 5
+    monkeypatch.undo()
+    assert _run(*common, "--out", tmp_path / "resumed", "--resume") == 0
+
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    for a, b in zip(straight, resumed, strict=True):
+        assert (a["iter"], a["train_loss"], a["val_loss"]) == (b["iter"], b["train_loss"], b["val_loss"])
+    weights_a = load_checkpoint(tmp_path / "straight").weights
+    weights_b = load_checkpoint(tmp_path / "resumed").weights
+    for name in weights_a:
+        np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward_that_diverges(self, idx, targets=None):
+        logits, loss = original_forward(self, idx, targets)
+        calls["n"] += 1 if self.training else 0
+        if self.training and calls["n"] > 6:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward_that_diverges)
+    assert _run("--data", text_file, "--out", out, "--iters", 10, "--eval-interval", 3) == 1
+    assert "the loss became nan at iteration 6" in capsys.readouterr().err
+    assert load_checkpoint(out).meta["iteration"] == 5
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"), ("", "empty"), (b"\xff\xfe\x00bad", "UTF-8"),
+     ("".join(chr(c) for c in range(0x10000, 0x10000 + 65_600)), "65,535|65535")],
+)
+def test_bad_data_files_exit_with_a_clear_message(tmp_path, capsys, content, message):
+    path = tmp_path / "data.txt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    assert _run("--data", path, "--out", tmp_path / "out", "--iters", 1) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinytf.train: error:") and "Traceback" not in err
+    assert any(part in err for part in message.split("|")), err
+
+
+def test_bad_arguments_and_missing_checkpoint(tmp_path, text_file, capsys):
+    assert _run("--data", text_file, "--out", tmp_path / "a", "--iters", 0) == 2
+    assert "--iters must be at least 1" in capsys.readouterr().err
+    assert _run("--data", text_file, "--out", tmp_path / "b", "--resume") == 2
+    assert "tinytf.train: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_module.main(["--n-layer", "many"])
+
+
+def test_corrupt_checkpoint_is_reported_on_resume(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
+    weights = next(out.glob("weights-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert _run("--data", text_file, "--out", out, "--iters", 4, "--resume") == 2
+    assert "cannot load the checkpoint" in capsys.readouterr().err
+
+
+def test_train_then_sample_as_a_user_would(tmp_path, text_file):
+    out = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-m", "tinytf.train", *TINY, "--data", str(text_file), "--out", str(out),
+                            "--iters", "20", "--eval-interval", "10"], capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert "iter 20: train loss" in train.stdout + train.stderr
+    sample = subprocess.run([sys.executable, "-m", "tinytf.sample", "--ckpt", str(out), "--prompt", "line",
+                             "--max-new-tokens", "30", "--top-k", "5", "--top-p", "0.9"],
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("line") and len(sample.stdout) >= len("line") + 30

@@ -1,0 +1,120 @@
+"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout and the two transformer MLPs (GELU and SwiGLU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from ..tensor import Tensor
+from .module import Module, Parameter
+
+
+def _uniform(shape, bound: float) -> Parameter:
+    draws = backend.generator("cpu").random(shape, dtype=np.float32)
+    return Parameter((draws * 2 - 1) * np.float32(bound))
+
+
+class Linear(Module):
+    """y = x W^T + b, W of shape (out_features, in_features); PyTorch's init U(-1/sqrt(in), 1/sqrt(in))."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1 / math.sqrt(in_features)
+        self.weight = _uniform((out_features, in_features), bound)
+        self.bias = _uniform((out_features,), bound) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """A table of `num_embeddings` vectors of size `embedding_dim`, looked up by integer id; init N(0, 1)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter(backend.generator("cpu").standard_normal((num_embeddings, embedding_dim),
+                                                                          dtype=np.float32))
+
+    def forward(self, ids) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = Parameter(np.ones(dim, dtype=np.float32))
+        self.bias = Parameter(np.zeros(dim, dtype=np.float32)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.dim, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class RMSNorm(Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = Parameter(np.ones(dim, dtype=np.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.dim, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+class Dropout(Module):
+    """Inverted dropout: active in training mode, the identity in evaluation mode."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class GELUMLP(Module):
+    """GPT-2's feed-forward block: Linear(C, hidden) -> GELU (tanh form, as GPT-2) -> Linear(hidden, C)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.c_fc = Linear(dim, hidden, bias)
+        self.c_proj = Linear(hidden, dim, bias)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class SwiGLUMLP(Module):
+    """Llama's feed-forward block: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.gate = Linear(dim, hidden, bias)
+        self.up = Linear(dim, hidden, bias)
+        self.c_proj = Linear(hidden, dim, bias)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.silu(self.gate(x)) * self.up(x)))

@@ -1,0 +1,194 @@
+"""Parameter, Module and ModuleList: the containers every layer and model is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .. import backend
+from ..tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module owns and trains: assigning one to a Module attribute registers it."""
+
+    def __init__(self, data, requires_grad: bool = True):
+        super().__init__(data.data if isinstance(data, Tensor) else data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class Module:
+    """Base class of layers and models. Parameters and submodules assigned as attributes are found by
+    `parameters()`, `state_dict()`, `to()` and `train()` / `eval()`, in the order they were assigned."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_persistent_buffers", set())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before assigning {name!r}")
+        for registry in (self._parameters, self._modules, self._buffers):
+            registry.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, array, persistent: bool = True) -> None:
+        """An array that belongs to the module's state but is not trained (a mask, a table of positions)."""
+        setattr(self, name, array)
+        self._buffers[name] = array
+        if persistent:
+            self._persistent_buffers.add(name)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} has no forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # --- traversal ----------------------------------------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        yield prefix, self
+        for name, module in self._modules.items():
+            yield from module.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self) -> Iterator[Module]:
+        for _, module in self.named_modules():
+            yield module
+
+    def children(self) -> Iterator[Module]:
+        yield from self._modules.values()
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """Each parameter once, under the first name it was reached by (tied weights appear once)."""
+        seen: set[int] = set()
+        for module_name, module in self.named_modules(prefix):
+            for name, parameter in module._parameters.items():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    yield (f"{module_name}.{name}" if module_name else name), parameter
+
+    def parameters(self) -> Iterator[Parameter]:
+        for _, parameter in self.named_parameters():
+            yield parameter
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    # --- modes and devices --------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        for module in self.modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def to(self, device) -> Module:
+        """Move every parameter (with its gradient) and buffer to `device`, in place; returns self."""
+        device = backend.check_device(device)
+        for module in self.modules():
+            for parameter in module._parameters.values():
+                parameter.data = backend.to_device(parameter.data, device)
+                if parameter.grad is not None:
+                    parameter.grad = backend.to_device(parameter.grad, device)
+            for name, buffer in list(module._buffers.items()):
+                module.register_buffer(name, backend.to_device(buffer, device), name in module._persistent_buffers)
+        return self
+
+    # --- state --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """Name -> array for every parameter (tied ones under each of their names) and persistent buffer."""
+        state = {}
+        for module_name, module in self.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            for name, parameter in module._parameters.items():
+                state[dot + name] = parameter.data
+            for name in module._persistent_buffers:
+                state[dot + name] = module._buffers[name]
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> tuple[list[str], list[str]]:
+        """Copy arrays from `state` into this module's parameters and buffers, keeping their dtype and device.
+
+        With strict=True any missing, unexpected or mis-shaped key raises one KeyError that lists them all;
+        otherwise the missing and unexpected keys are returned. Mis-shaped tensors are always an error.
+        """
+        own = self.state_dict()
+        missing = [name for name in own if name not in state]
+        unexpected = [name for name in state if name not in own]
+        misshaped = [
+            f"{name}: checkpoint {tuple(np.shape(state[name]))}, model {tuple(own[name].shape)}"
+            for name in own
+            if name in state and tuple(np.shape(state[name])) != tuple(own[name].shape)
+        ]
+        if misshaped or (strict and (missing or unexpected)):
+            problems = []
+            if missing:
+                problems.append("missing keys: " + ", ".join(missing))
+            if unexpected:
+                problems.append("unexpected keys: " + ", ".join(unexpected))
+            if misshaped:
+                problems.append("mis-shaped keys: " + "; ".join(misshaped))
+            raise KeyError(f"load_state_dict for {type(self).__name__}: " + " | ".join(problems))
+        for module_name, module in self.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            for name, parameter in module._parameters.items():
+                if dot + name in state:
+                    parameter.data = _converted(state[dot + name], parameter.data)
+            for name in module._persistent_buffers:
+                if dot + name in state:
+                    module.register_buffer(name, _converted(state[dot + name], module._buffers[name]))
+        return missing, unexpected
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, module in self._modules.items():
+            child = repr(module).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child}")
+        return "\n".join(lines) + ("\n)" if self._modules else ")")
+
+
+def _converted(value, like):
+    """`value` as a fresh array with the dtype and on the device of `like`."""
+    value = value.data if isinstance(value, Tensor) else value
+    array = backend.to_device(backend.to_numpy(value), backend.device_of(like))
+    return array.astype(like.dtype, copy=True)
+
+
+class ModuleList(Module):
+    """A list of modules, registered under the names "0", "1", ..."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for module in modules:
+            self.append(module)
+
+    def append(self, module: Module) -> ModuleList:
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, index: int) -> Module:
+        return list(self._modules.values())[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())

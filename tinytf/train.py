@@ -1,0 +1,308 @@
+"""Train a character-level GPT: `python -m tinytf.train --help`.
+
+With no --data it trains on the text of Python's own documentation (the stdlib module pydoc_data), so it runs
+offline on any machine. The output folder receives the prepared data, checkpoints (safetensors weights, JSON
+state, written atomically), metrics.jsonl (one line per evaluation) and loss.png (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backend
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import BatchSampler, CharTokenizer, TokenDataset, default_corpus, prepare_dataset, read_text
+from .models import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
+from .tensor import no_grad
+
+MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout")
+
+
+class UserError(Exception):
+    """A problem with the command line, the data or a checkpoint: reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinytf.train",
+        description="Train a character-level GPT on a text file (default: Python's documentation, offline).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data and output")
+    data.add_argument("--data", type=Path, help="UTF-8 text file to train on (default: pydoc_data's text)")
+    data.add_argument("--out", type=Path, default=Path("out"), help="folder for data, checkpoints and metrics")
+    data.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    model = parser.add_argument_group("model (nanoGPT's CPU shakespeare_char configuration by default)")
+    model.add_argument("--preset", choices=("gpt2", "llama"), default="gpt2",
+                       help="gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU, GQA")
+    model.add_argument("--n-layer", type=int, default=4, help="number of decoder blocks")
+    model.add_argument("--n-head", type=int, default=4, help="query heads per attention layer")
+    model.add_argument("--n-kv-head", type=int, default=None,
+                       help="key/value heads (GQA); default: n_head for gpt2, n_head // 2 for llama")
+    model.add_argument("--n-embd", type=int, default=128, help="width of the residual stream")
+    model.add_argument("--block-size", type=int, default=64, help="context length in characters")
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+    model.add_argument("--mlp-hidden", type=int, default=None, help="MLP hidden width (default: preset's rule)")
+    optimization = parser.add_argument_group("optimization (AdamW, warmup then cosine decay)")
+    optimization.add_argument("--batch-size", type=int, default=12, help="sequences per step")
+    optimization.add_argument("--iters", type=int, default=2000, help="training steps")
+    optimization.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    optimization.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the decay")
+    optimization.add_argument("--warmup-iters", type=int, default=None,
+                              help="steps of linear warmup (default: 100, or iters // 20 for short runs)")
+    optimization.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on 2-D weights")
+    optimization.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    optimization.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
+    optimization.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    evaluation = parser.add_argument_group("evaluation and running")
+    evaluation.add_argument("--eval-interval", type=int, default=250, help="evaluate and checkpoint every N steps")
+    evaluation.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
+    evaluation.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    evaluation.add_argument("--seed", type=int, default=1337, help="seed for weights, batches and dropout")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "iters", "eval_interval", "eval_iters")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.n_kv_head is not None and args.n_kv_head < 1:
+        raise UserError(f"--n-kv-head must be at least 1, got {args.n_kv_head}")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.warmup_iters is None:
+        args.warmup_iters = min(100, args.iters // 20)
+    if not 0 <= args.warmup_iters <= args.iters:
+        raise UserError(f"--warmup-iters must be between 0 and --iters ({args.iters}), got {args.warmup_iters}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+def load_dataset(args: argparse.Namespace) -> TokenDataset:
+    """Prepare the text into `out/data` (uint16 token files read through memmap), or reopen it on --resume."""
+    folder = args.out / "data"
+    if args.resume:
+        return TokenDataset.open(folder)
+    text = read_text(args.data) if args.data is not None else default_corpus()
+    source = args.data or "pydoc_data.topics (Python's documentation)"
+    dataset = prepare_dataset(text, folder)
+    print(f"data: {source}: {len(text):,} characters, vocabulary of {dataset.tokenizer.vocab_size}, "
+          f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens")
+    return dataset
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------------
+def save_run(out: Path, model: GPT, optimizer: AdamW, samplers: dict, tokenizer: CharTokenizer, iteration: int,
+             args: argparse.Namespace, best_val: float) -> None:
+    """Everything needed to continue exactly where the run stands after `iteration` steps."""
+    meta = {
+        "config": model.config.to_dict(),
+        "tokenizer": tokenizer.to_dict(),
+        "iteration": iteration,
+        "best_val_loss": best_val,
+        "train_args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "rng": {"tinytf": backend.get_rng_state(),
+                **{f"sampler_{name}": sampler.state_dict() for name, sampler in samplers.items()}},
+    }
+    save_checkpoint(out, {name: backend.to_numpy(a) for name, a in model.state_dict().items()}, meta,
+                    optimizer.state_dict())
+
+
+def load_trained_model(folder: Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, meta) from a checkpoint folder; UserError when it is missing or corrupt."""
+    try:
+        checkpoint = load_checkpoint(folder)
+        meta = checkpoint.meta
+        config = GPTConfig(**meta["config"])
+        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+        model = GPT(config)
+        model.load_state_dict(checkpoint.weights)
+    except (CheckpointError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"cannot load the checkpoint in {folder}: {error}") from None
+    return model.to(device).eval(), tokenizer, checkpoint
+
+
+# --- training ---------------------------------------------------------------------------------------------------------
+@no_grad()
+def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, device: str) -> dict[str, float]:
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        total = 0.0
+        for _ in range(eval_iters):
+            x, y = sampler.get_batch(split)
+            total += model(backend.to_device(x, device), backend.to_device(y, device))[1].item()
+        losses[split] = total / eval_iters
+    model.train()
+    return losses
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to stop after the current step (so the checkpoint is consistent); a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def plot_losses(metrics_path: Path, image_path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("loss curve: matplotlib is not installed, skipping loss.png (pip install 'tinytf[plot]')")
+        return
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line]
+    iters = [r["iter"] for r in records]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(iters, [r["train_loss"] for r in records], label="train")
+    axes.plot(iters, [r["val_loss"] for r in records], label="val")
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("cross-entropy (nats/char)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(image_path, dpi=100)
+    plt.close(figure)
+    print(f"loss curve: {image_path}")
+
+
+def train(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    try:
+        device = backend.check_device(args.device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        dataset = load_dataset(args)
+    except (OSError, ValueError, RuntimeError) as error:  # a bad data file or an unusable device
+        raise UserError(str(error)) from None
+    tokenizer = dataset.tokenizer
+    backend.manual_seed(args.seed)
+
+    if args.resume:
+        model, saved_tokenizer, checkpoint = load_trained_model(args.out, device)
+        model.train()
+        start = checkpoint.meta["iteration"] + 1
+        best_val = checkpoint.meta["best_val_loss"]
+    else:
+        overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
+        config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, mlp_hidden=args.mlp_hidden,
+                                       **overrides)
+        model = GPT(config).to(device)
+        start, best_val = 0, math.inf
+
+    optimizer = AdamW(weight_decay_groups(model.parameters(), args.weight_decay), lr=args.lr,
+                      betas=(args.beta1, args.beta2))
+    block_size = model.config.block_size
+    samplers = {
+        "train": BatchSampler(dataset.splits, args.batch_size, block_size, seed=args.seed),
+        "eval": BatchSampler(dataset.splits, args.batch_size, block_size, seed=args.seed + 1),
+    }
+    if args.resume:
+        if checkpoint.optimizer_state is None:
+            raise UserError(f"the checkpoint in {args.out} has no optimizer state to resume from")
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        backend.set_rng_state(checkpoint.meta["rng"]["tinytf"])
+        for name, sampler in samplers.items():
+            sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
+        print(f"resumed from {args.out} at iteration {start}")
+    config = model.config
+    print(f"model: {args.preset if not args.resume else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
+          f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
+          f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
+
+    metrics_path = args.out / "metrics.jsonl"
+    tokens_per_step = args.batch_size * block_size
+    started = time.perf_counter()
+    window_start, window_steps = started, 0
+    last_loss = float("nan")
+    iteration = start - 1
+    with StopRequest() as stop, tqdm(range(start, args.iters), initial=start, total=args.iters, unit="step",
+                                      mininterval=1.0, dynamic_ncols=True) as progress:
+        for iteration in progress:
+            lr = lr_at(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.warmup_iters,
+                       decay_iters=args.iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = samplers["train"].get_batch("train")
+            _, loss = model(backend.to_device(x, device), backend.to_device(y, device))
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                progress.close()
+                print(f"stopping: the loss became {last_loss} at iteration {iteration}; "
+                      f"the last good checkpoint in {args.out} is kept", file=sys.stderr)
+                return 1
+            optimizer.zero_grad()
+            loss.backward()
+            if args.grad_clip > 0:
+                clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            window_steps += 1
+            now = time.perf_counter()
+            tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+            progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+            last_step = iteration == args.iters - 1
+            if (iteration + 1) % args.eval_interval == 0 or last_step:
+                losses = estimate_loss(model, samplers["eval"], args.eval_iters, device)
+                best_val = min(best_val, losses["val"])
+                record = {"iter": iteration + 1, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                          "tokens_per_s": tokens_per_s, "elapsed_s": now - started}
+                append_metrics(metrics_path, record)
+                progress.write(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                save_run(args.out, model, optimizer, samplers, tokenizer, iteration, args, best_val)
+                window_start, window_steps = time.perf_counter(), 0
+            if stop.requested and not last_step:
+                save_run(args.out, model, optimizer, samplers, tokenizer, iteration, args, best_val)
+                progress.close()
+                print(f"interrupted: saved a checkpoint at iteration {iteration + 1} in {args.out}; "
+                      "continue with --resume")
+                return 130
+    if metrics_path.exists():
+        plot_losses(metrics_path, args.out / "loss.png")
+    print(f"done: {args.iters} iterations in {time.perf_counter() - started:.1f} s, best val loss {best_val:.4f}; "
+          f"sample with: python -m tinytf.sample --ckpt {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except UserError as error:
+        print(f"tinytf.train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
