@@ -80,9 +80,9 @@ class Function:
         """Run forward on the inputs' arrays; record the graph when gradients are needed."""
         _check_same_device(cls.__name__, inputs)
         function = cls()
-        function.needs_input_grad = tuple(tensor.requires_grad for tensor in inputs)
-        output = Tensor(function.forward(*(tensor.data for tensor in inputs), **params))
-        if _grad_enabled and any(function.needs_input_grad):
+        function.needs_input_grad = needs = tuple([tensor.requires_grad for tensor in inputs])
+        output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
+        if _grad_enabled and True in needs:
             output.requires_grad = True
             output._creator = function
             function.inputs = inputs
@@ -96,7 +96,10 @@ class Function:
 
 
 def _check_same_device(op_name: str, tensors) -> None:
-    if all(type(tensor.data) is np.ndarray for tensor in tensors):  # the common case, checked cheaply
+    for tensor in tensors:
+        if type(tensor.data) is not np.ndarray:  # only then can devices differ; the common case stops here
+            break
+    else:
         return
     devices = [tensor.device for tensor in tensors]
     for device in devices[1:]:

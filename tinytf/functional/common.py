@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import numpy as np
 
 from .. import backend
 from ..tensor import Tensor
@@ -25,14 +25,15 @@ def as_tensor(value, like: Tensor) -> Tensor:
     """`value` as a Tensor on `like`'s device; Python scalars take `like`'s dtype (NumPy 2 would otherwise upcast)."""
     if isinstance(value, Tensor):
         return value
-    xp = backend.get_array_module(like.data)
-    if isinstance(value, numbers.Number):
+    if isinstance(value, (float, int)):  # bool is an int
         dtype = like.dtype
-        if isinstance(value, float) and not backend.is_floating(dtype):
+        if type(value) is float and dtype.kind != "f":
             dtype = backend.DEFAULT_DTYPE
-        elif not isinstance(value, bool) and dtype == bool:
-            dtype = "int64"
-        return Tensor(xp.asarray(value, dtype=dtype))
+        elif type(value) is int and dtype == bool:
+            dtype = np.dtype(np.int64)
+        scalar = dtype.type(value)
+        return Tensor(scalar if type(like.data) is np.ndarray else backend.get_array_module(like.data).asarray(scalar))
+    xp = backend.get_array_module(like.data)
     return Tensor(xp.asarray(value))
 
 
