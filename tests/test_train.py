@@ -150,3 +150,24 @@ def test_train_then_sample_as_a_user_would(tmp_path, text_file):
                             capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("line") and len(sample.stdout) >= len("line") + 30
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, text_file):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "tinytf.train", *TINY, "--data", str(text_file), "--out",
+                                str(out), "--iters", "100000", "--eval-interval", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("data:")
+        assert process.stdout.readline().startswith("model:")
+        time.sleep(1.0)  # let it take some steps
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted: saved a checkpoint" in stdout and "Traceback" not in stderr
+    assert load_checkpoint(out).meta["iteration"] >= 0
