@@ -3,6 +3,12 @@
 With no --data it trains on the text of Python's own documentation (the stdlib module pydoc_data), so it runs
 offline on any machine. The output folder receives the prepared data, checkpoints (safetensors weights, JSON
 state, written atomically), metrics.jsonl (one line per evaluation) and loss.png (when matplotlib is installed).
+
+Data-parallel training over several processes (see tinytf.distributed): `mpiexec -n 2 python -m mpi4py -m tinytf.train
+...`. --batch-size stays per rank. All ranks draw the same global batch of world_size * batch_size windows from one
+sampler and each keeps its own rows, so the sampler state is one for the whole job: a checkpoint resumes under any
+number of ranks, and W ranks with --batch-size b follow exactly the batches of one process with --batch-size W*b.
+Dropout draws from a generator per rank (rank 0 keeps the single-process stream, the others are seeded apart).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import backend
+from . import backend, distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import BatchSampler, CharTokenizer, TokenDataset, default_corpus, prepare_dataset, read_text
 from .models import GPT, GPTConfig
@@ -54,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     model.add_argument("--mlp-hidden", type=int, default=None, help="MLP hidden width (default: preset's rule)")
     optimization = parser.add_argument_group("optimization (AdamW, warmup then cosine decay)")
-    optimization.add_argument("--batch-size", type=int, default=12, help="sequences per step")
+    optimization.add_argument("--batch-size", type=int, default=12,
+                              help="sequences per step (per rank in data-parallel runs)")
     optimization.add_argument("--iters", type=int, default=2000, help="training steps")
     optimization.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optimization.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the decay")
@@ -67,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation and running")
     evaluation.add_argument("--eval-interval", type=int, default=250, help="evaluate and checkpoint every N steps")
     evaluation.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
-    evaluation.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    evaluation.add_argument("--device", default="cpu",
+                            help="cpu, cuda or cuda:N (data-parallel: cuda gives each rank its own GPU)")
     evaluation.add_argument("--seed", type=int, default=1337, help="seed for weights, batches and dropout")
     return parser
 
@@ -90,31 +98,83 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
 
 
+# --- data parallelism -------------------------------------------------------------------------------------------------
+def announce(message: str, file=None) -> None:
+    """Print on the main rank only (every rank runs this script; one speaks for the job), above the progress bar."""
+    if distributed.is_main():
+        tqdm.write(message, file=file)
+
+
+def rank_device(device: str) -> str:
+    """The device of this rank: in a data-parallel run, 'cuda' means this rank's own GPU, cuda:<local rank>."""
+    if distributed.world_size() == 1 or not device.startswith("cuda"):
+        return device
+    if device != "cuda":
+        raise UserError(f"--device {device} would put every rank on the same GPU; in a data-parallel run pass "
+                        "--device cuda and each rank takes the GPU of its local rank")
+    return f"cuda:{distributed.local_rank()}"
+
+
+def seed_rank_dropout(seed: int) -> None:
+    """Give ranks other than 0 a dropout generator of their own: with the same masks on every rank, the ranks would
+    drop the same units of different sequences. Rank 0 keeps the stream a single process would have."""
+    if distributed.rank() > 0:
+        backend.manual_seed(int(np.random.SeedSequence([seed, distributed.rank()]).generate_state(1)[0]))
+
+
+def restore_dropout_rng(saved_rng: dict, seed: int) -> None:
+    """Each rank continues its own dropout stream; a rank that the saved run did not have starts a fresh one."""
+    states = [saved_rng["tinytf"], *saved_rng.get("tinytf_other_ranks", [])]
+    if distributed.rank() < len(states):
+        backend.set_rng_state(states[distributed.rank()])
+    else:
+        seed_rank_dropout(seed)
+
+
+def agree_on_step(loss: float, stop_requested: bool) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether any rank was asked to stop, in one small Allreduce: every rank must
+    take the same decision to go on, since a rank that stopped alone would leave the others waiting for it."""
+    values = np.array([loss, float(stop_requested)])
+    distributed.all_reduce(values)
+    return float(values[0]) / distributed.world_size(), bool(values[1] > 0)
+
+
 # --- data -------------------------------------------------------------------------------------------------------------
 def load_dataset(args: argparse.Namespace) -> TokenDataset:
-    """Prepare the text into `out/data` (uint16 token files read through memmap), or reopen it on --resume."""
+    """Prepare the text into `out/data` (uint16 token files read through memmap), or reopen it on --resume.
+
+    In a data-parallel run the main rank prepares the files and the other ranks open them, so --out must be a folder
+    that every rank sees (a shared filesystem when the ranks run on several machines).
+    """
     folder = args.out / "data"
-    if args.resume:
-        return TokenDataset.open(folder)
-    text = read_text(args.data) if args.data is not None else default_corpus()
-    source = args.data or "pydoc_data.topics (Python's documentation)"
-    dataset = prepare_dataset(text, folder)
-    print(f"data: {source}: {len(text):,} characters, vocabulary of {dataset.tokenizer.vocab_size}, "
-          f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens")
-    return dataset
+    dataset = None
+    if not args.resume and distributed.is_main():
+        text = read_text(args.data) if args.data is not None else default_corpus()
+        source = args.data or "pydoc_data.topics (Python's documentation)"
+        dataset = prepare_dataset(text, folder)
+        announce(f"data: {source}: {len(text):,} characters, vocabulary of {dataset.tokenizer.vocab_size}, "
+                 f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens")
+    distributed.barrier()  # the other ranks open the files once the main rank has written them
+    return dataset if dataset is not None else TokenDataset.open(folder)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------
 def save_run(out: Path, model: GPT, optimizer: AdamW, samplers: dict, tokenizer: CharTokenizer, iteration: int,
              args: argparse.Namespace, best_val: float) -> None:
-    """Everything needed to continue exactly where the run stands after `iteration` steps."""
+    """Everything needed to continue exactly where the run stands after `iteration` steps.
+
+    Called on every rank, since each one adds its dropout generator's state; only the main rank writes.
+    """
+    dropout_states = distributed.gather_object(backend.get_rng_state())
+    if not distributed.is_main():
+        return
     meta = {
         "config": model.config.to_dict(),
         "tokenizer": tokenizer.to_dict(),
         "iteration": iteration,
         "best_val_loss": best_val,
         "train_args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "rng": {"tinytf": backend.get_rng_state(),
+        "rng": {"tinytf": dropout_states[0], "tinytf_other_ranks": dropout_states[1:],
                 **{f"sampler_{name}": sampler.state_dict() for name, sampler in samplers.items()}},
     }
     save_checkpoint(out, {name: backend.to_numpy(a) for name, a in model.state_dict().items()}, meta,
@@ -138,16 +198,18 @@ def load_trained_model(folder: Path, device: str = "cpu"):
 # --- training ---------------------------------------------------------------------------------------------------------
 @no_grad()
 def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, device: str) -> dict[str, float]:
+    """Mean loss of `eval_iters` batches per split; in a data-parallel run each rank scores its rows of the global
+    batch and the means are averaged over ranks (equal shares, so that is the mean over the global batch)."""
     model.eval()
-    losses = {}
-    for split in ("train", "val"):
-        total = 0.0
+    splits = ("train", "val")
+    totals = np.zeros(len(splits))
+    for index, split in enumerate(splits):
         for _ in range(eval_iters):
-            x, y = sampler.get_batch(split)
-            total += model(backend.to_device(x, device), backend.to_device(y, device))[1].item()
-        losses[split] = total / eval_iters
+            x, y = (distributed.shard(rows) for rows in sampler.get_batch(split))
+            totals[index] += model(backend.to_device(x, device), backend.to_device(y, device))[1].item()
     model.train()
-    return losses
+    distributed.all_reduce(totals, op="mean")
+    return {split: float(total / eval_iters) for split, total in zip(splits, totals)}
 
 
 class StopRequest:
@@ -201,10 +263,11 @@ def plot_losses(metrics_path: Path, image_path: Path) -> None:
 def train(args: argparse.Namespace) -> int:
     check_arguments(args)
     try:
-        device = backend.check_device(args.device)
+        world = distributed.world_size()
+        device = backend.check_device(rank_device(args.device))
         args.out.mkdir(parents=True, exist_ok=True)
         dataset = load_dataset(args)
-    except (OSError, ValueError, RuntimeError) as error:  # a bad data file or an unusable device
+    except (OSError, ValueError, RuntimeError) as error:  # a bad data file, an unusable device or MPI
         raise UserError(str(error)) from None
     tokenizer = dataset.tokenizer
     backend.manual_seed(args.seed)
@@ -220,50 +283,59 @@ def train(args: argparse.Namespace) -> int:
                                        **overrides)
         model = GPT(config).to(device)
         start, best_val = 0, math.inf
+        seed_rank_dropout(args.seed)
+    distributed.broadcast_parameters(model.parameters())  # equal by the shared seed already; now certainly
+    averager = distributed.GradientAverager(model.parameters())
 
     optimizer = AdamW(weight_decay_groups(model.parameters(), args.weight_decay), lr=args.lr,
                       betas=(args.beta1, args.beta2))
     block_size = model.config.block_size
+    global_batch_size = args.batch_size * world  # every rank draws the global batch and keeps its own rows
     samplers = {
-        "train": BatchSampler(dataset.splits, args.batch_size, block_size, seed=args.seed),
-        "eval": BatchSampler(dataset.splits, args.batch_size, block_size, seed=args.seed + 1),
+        "train": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed),
+        "eval": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed + 1),
     }
     if args.resume:
         if checkpoint.optimizer_state is None:
             raise UserError(f"the checkpoint in {args.out} has no optimizer state to resume from")
         optimizer.load_state_dict(checkpoint.optimizer_state)
-        backend.set_rng_state(checkpoint.meta["rng"]["tinytf"])
+        restore_dropout_rng(checkpoint.meta["rng"], args.seed)
         for name, sampler in samplers.items():
             sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
-        print(f"resumed from {args.out} at iteration {start}")
+        announce(f"resumed from {args.out} at iteration {start}")
     config = model.config
-    print(f"model: {args.preset if not args.resume else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
-          f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
-          f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
+    announce(f"model: {args.preset if not args.resume else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
+             f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
+             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
+    tokens_per_step = global_batch_size * block_size
+    if world > 1:
+        announce(f"data parallel: {world} ranks x {args.batch_size} sequences = {global_batch_size} sequences "
+                 f"({tokens_per_step:,} tokens) per step")
 
     metrics_path = args.out / "metrics.jsonl"
-    tokens_per_step = args.batch_size * block_size
     started = time.perf_counter()
     window_start, window_steps = started, 0
     last_loss = float("nan")
     iteration = start - 1
     with StopRequest() as stop, tqdm(range(start, args.iters), initial=start, total=args.iters, unit="step",
-                                      mininterval=1.0, dynamic_ncols=True) as progress:
+                                      mininterval=1.0, dynamic_ncols=True,
+                                      disable=not distributed.is_main()) as progress:
         for iteration in progress:
             lr = lr_at(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.warmup_iters,
                        decay_iters=args.iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = samplers["train"].get_batch("train")
+            x, y = (distributed.shard(rows) for rows in samplers["train"].get_batch("train"))
             _, loss = model(backend.to_device(x, device), backend.to_device(y, device))
-            last_loss = loss.item()
+            last_loss, stop_requested = agree_on_step(loss.item(), stop.requested)
             if not math.isfinite(last_loss):
                 progress.close()
-                print(f"stopping: the loss became {last_loss} at iteration {iteration}; "
-                      f"the last good checkpoint in {args.out} is kept", file=sys.stderr)
+                announce(f"stopping: the loss became {last_loss} at iteration {iteration}; "
+                         f"the last good checkpoint in {args.out} is kept", file=sys.stderr)
                 return 1
             optimizer.zero_grad()
             loss.backward()
+            averager.average()
             if args.grad_clip > 0:
                 clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
@@ -278,30 +350,36 @@ def train(args: argparse.Namespace) -> int:
                 best_val = min(best_val, losses["val"])
                 record = {"iter": iteration + 1, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                           "tokens_per_s": tokens_per_s, "elapsed_s": now - started}
-                append_metrics(metrics_path, record)
-                progress.write(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if distributed.is_main():
+                    append_metrics(metrics_path, record)
+                announce(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 save_run(args.out, model, optimizer, samplers, tokenizer, iteration, args, best_val)
                 window_start, window_steps = time.perf_counter(), 0
-            if stop.requested and not last_step:
+            if stop_requested and not last_step:
                 save_run(args.out, model, optimizer, samplers, tokenizer, iteration, args, best_val)
                 progress.close()
-                print(f"interrupted: saved a checkpoint at iteration {iteration + 1} in {args.out}; "
-                      "continue with --resume")
+                announce(f"interrupted: saved a checkpoint at iteration {iteration + 1} in {args.out}; "
+                         "continue with --resume")
                 return 130
-    if metrics_path.exists():
+    if distributed.is_main() and metrics_path.exists():
         plot_losses(metrics_path, args.out / "loss.png")
-    print(f"done: {args.iters} iterations in {time.perf_counter() - started:.1f} s, best val loss {best_val:.4f}; "
-          f"sample with: python -m tinytf.sample --ckpt {args.out}")
+    announce(f"done: {args.iters} iterations in {time.perf_counter() - started:.1f} s, best val loss {best_val:.4f}; "
+             f"sample with: python -m tinytf.sample --ckpt {args.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return train(args)
+        exit_status = train(args)
     except UserError as error:
         print(f"tinytf.train: error: {error}", file=sys.stderr)
+        distributed.abort_job(2)  # in a data-parallel run the other ranks may be waiting for this one
         return 2
+    # Under `python -m mpi4py` a rank that exits non-zero (1: NaN, 130: interrupted) ends the whole job at once, so
+    # no rank leaves before the main rank has written its checkpoint.
+    distributed.barrier()
+    return exit_status
 
 
 if __name__ == "__main__":
