@@ -1,0 +1,85 @@
+"""Library code runs on CuPy as well as NumPy, so outside tinytf/backend.py it must not call NumPy functions on
+tensor data: np.exp(x) on a CuPy array fails (or silently copies to the host). Ops get the array module of their
+inputs instead, `xp = get_array_module(x)`, and call xp.exp(x).
+
+This scan finds every np.<name>(...) / numpy.<name>(...) call in tinytf/. A call passes when the name never looks at
+array data (dtypes, type queries, shape arithmetic), when its module works on host arrays by design, or when it is
+listed below with the reason it is safe. A new call that fits none of these is an error: use xp, or add it here with
+its reason.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import tinytf
+
+PACKAGE = Path(tinytf.__file__).parent
+BACKEND = PACKAGE / "backend.py"
+
+DATA_FREE = {
+    "dtype", "bool_", "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+    "uint32", "uint64", "iinfo", "finfo", "result_type", "promote_types", "can_cast", "issubdtype",
+    "broadcast_shapes", "errstate",
+}
+
+HOST_SIDE_MODULES = {
+    "data.py": "token batches come from memory-mapped files on the host and are moved to the device afterwards",
+    "testing.py": "gradient checks compare host copies in float64",
+    "sample.py": "command line: tokenizing text on the host",
+    "train.py": "command line: loss bookkeeping and seeds on the host",
+    "checkpoint.py": "safetensors files hold host arrays",
+    "models/hf.py": "reads and writes checkpoint files, host arrays",
+    "nn/layers.py": "makes parameters on the host (Module.to moves them); forward passes use tinytf.functional",
+    "models/sampling.py": "samples from a host copy of the last position's logits",
+    "cuda_emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
+}
+
+ALLOWED_CALLS = {
+    ("creation.py", "array"): "builds tensors from Python data on the host, then moves them",
+    ("creation.py", "asarray"): "the dtype of a Python fill value",
+    ("tensor.py", "array2string"): "repr formats a host copy (self.numpy())",
+    ("tensor.py", "asarray"): "wraps Python data and NumPy scalars; CuPy arrays never reach it",
+    ("nn/module.py", "shape"): "np.shape reads .shape, which CuPy arrays have",
+    ("models/gpt.py", "zeros_like"): "initialization, on the host where the model is built",
+    ("models/gpt.py", "array"): "generation keeps the token ids on the host",
+    ("models/gpt.py", "asarray"): "generation keeps the token ids on the host",
+    ("models/gpt.py", "concatenate"): "generation keeps the token ids on the host",
+    ("attention/naive.py", "sqrt"): "of the head dim, a Python int",
+}
+
+
+def numpy_calls(path: Path):
+    """(line, name) of each call np.<name>(...) or numpy.<name>(...), with dotted names such as random.default_rng."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        parts, target = [], node.func
+        while isinstance(target, ast.Attribute):
+            parts.append(target.attr)
+            target = target.value
+        if isinstance(target, ast.Name) and target.id in ("np", "numpy") and parts:
+            yield node.lineno, ".".join(reversed(parts))
+
+
+def test_library_code_calls_numpy_only_where_that_is_safe_on_cupy():
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(PACKAGE).as_posix()
+        if path == BACKEND or module in HOST_SIDE_MODULES:
+            continue
+        for line, name in numpy_calls(path):
+            if name not in DATA_FREE and (module, name) not in ALLOWED_CALLS:
+                unexplained.append(f"tinytf/{module}:{line}: np.{name}(...)")
+    assert not unexplained, (
+        "NumPy calls that would fail on CuPy arrays; use xp = get_array_module(...) or explain them in "
+        f"{Path(__file__).name}:\n" + "\n".join(unexplained)
+    )
+
+
+def test_the_allowlists_name_files_that_exist():
+    stale = [module for module in HOST_SIDE_MODULES if not (PACKAGE / module).exists()]
+    stale += [f"{module}: np.{name}" for module, name in ALLOWED_CALLS
+              if not any(found == name for _, found in numpy_calls(PACKAGE / module))]
+    assert not stale, f"allowlist entries with nothing left to allow: {stale}"
