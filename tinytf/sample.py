@@ -1,5 +1,6 @@
 """Sample text from a trained checkpoint: `python -m tinytf.sample --ckpt out --prompt "ROMEO:"`.
 
+Or from a local Hugging Face model folder (GPT-2 or Llama, with its tokenizer.json): `--model DIR`.
 Text streams out as it is generated; the KV cache keeps each step to one new token.
 """
 
@@ -12,17 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from . import backend
+from .checkpoint import CheckpointError
+from .models import from_pretrained
 from .train import UserError, load_trained_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinytf.sample", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, default=Path("out"), help="checkpoint folder written by tinytf.train")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", type=Path, default=Path("out"), help="checkpoint folder written by tinytf.train")
+    source.add_argument("--model", type=Path, default=None,
+                        help="Hugging Face model folder: config.json, model.safetensors and tokenizer.json")
     parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely character")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely characters")
+    parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability")
     parser.add_argument("--num-samples", type=int, default=1, help="independent samples, printed one after another")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
@@ -52,23 +58,68 @@ def sample(args: argparse.Namespace, out=sys.stdout) -> None:
         device = backend.check_device(args.device)
     except (ValueError, RuntimeError) as error:
         raise UserError(str(error)) from None
-    model, tokenizer, _ = load_trained_model(args.ckpt, device)
+    model, tokenizer = load_model(args, device)
     try:
         prompt_ids = tokenizer.encode(args.prompt)
     except ValueError as error:
         raise UserError(f"the prompt cannot be encoded: {error}") from None
+    if len(prompt_ids) == 0:
+        raise UserError(f"the prompt {args.prompt!r} encodes to no tokens")
     block_size = model.config.block_size
     if len(prompt_ids) > block_size:
-        print(f"note: the prompt has {len(prompt_ids)} characters; the model sees only the last {block_size}",
+        print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees only the last {block_size}",
               file=sys.stderr)
     rng = np.random.default_rng(args.seed)
+    prompt_text = tokenizer.decode(prompt_ids)
     for index in range(args.num_samples):
         out.write(args.prompt)
+        ids, shown = list(prompt_ids), prompt_text
         for next_ids in model.stream(prompt_ids[None, :], args.max_new_tokens, args.temperature, args.top_k,
                                      args.top_p, use_cache=not args.no_cache, rng=rng):
-            out.write(tokenizer.decode(next_ids))
-            out.flush()
+            # Decode the whole text and write what is new: a subword token's text can depend on its neighbours
+            # (a leading space), and a byte-level token can end inside a character, which decodes as U+FFFD.
+            ids.append(int(next_ids[0]))
+            text = tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        out.write(tokenizer.decode(ids)[len(shown):])
         out.write("\n" if index == args.num_samples - 1 else "\n---------------\n")
+
+
+def load_model(args: argparse.Namespace, device: str):
+    """(model in eval mode, tokenizer) from --model (a Hugging Face folder) or else --ckpt (a tinytf checkpoint)."""
+    if args.model is None:
+        model, tokenizer, _ = load_trained_model(args.ckpt, device)
+        return model, tokenizer
+    try:
+        model = from_pretrained(args.model)
+    except CheckpointError as error:
+        raise UserError(f"cannot load the model: {error}") from None
+    return model.to(device), TokenizerFile(args.model / "tokenizer.json")
+
+
+class TokenizerFile:
+    """A Hugging Face `tokenizer.json` read by the `tokenizers` library, with CharTokenizer's encode and decode."""
+
+    def __init__(self, path: Path):
+        try:
+            import tokenizers  # optional (the interop extra): needed only for --model
+        except ImportError:
+            raise UserError("--model needs the tokenizers package: pip install tokenizers") from None
+        if not path.is_file():
+            raise UserError(f"{path.parent} has no tokenizer.json to turn the prompt into token ids")
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # the library raises plain Exceptions
+            raise UserError(f"cannot read {path}: {error}") from None
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self._tokenizer.encode(text).ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(token) for token in ids])
 
 
 def main(argv: list[str] | None = None) -> int:

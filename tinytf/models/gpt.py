@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from ..nn import (
     RMSNorm,
     SwiGLUMLP,
 )
+from ..nn.module import init_skipped
 from ..tensor import Tensor, no_grad
 from .sampling import sample_next_token
 
@@ -129,6 +131,8 @@ class GPT(Module):
     def _init_weights(self) -> None:
         """GPT-2's init: N(0, 0.02) for weights and embeddings, zero biases; the projections that write into the
         residual stream (`c_proj`) get std 0.02 / sqrt(2 n_layer), since 2 n_layer of them add up there."""
+        if init_skipped():
+            return
         rng = backend.generator("cpu")
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, parameter in self.named_parameters():
@@ -215,6 +219,13 @@ class GPT(Module):
         new = list(self.stream(context, max_new_tokens, temperature, top_k, top_p, use_cache, rng))
         columns = [context] + [ids[:, None] for ids in new]
         return Tensor(self._on_device(np.concatenate(columns, axis=1)))
+
+    # --- interchange ---------------------------------------------------------------------------------------------
+    def save_pretrained(self, path) -> Path:
+        """Write a Hugging Face model folder (config.json, model.safetensors) that transformers loads."""
+        from .hf import save_pretrained  # here, not at the top: hf imports this module
+
+        return save_pretrained(self, path)
 
     def _on_device(self, ids: np.ndarray):
         device = self.wte.weight.device

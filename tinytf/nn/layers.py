@@ -9,10 +9,12 @@ import numpy as np
 from .. import backend
 from .. import functional as F
 from ..tensor import Tensor
-from .module import Module, Parameter
+from .module import Module, Parameter, init_skipped
 
 
 def _uniform(shape, bound: float) -> Parameter:
+    if init_skipped():
+        return Parameter(np.empty(shape, dtype=np.float32))
     draws = backend.generator("cpu").random(shape, dtype=np.float32)
     return Parameter((draws * 2 - 1) * np.float32(bound))
 
@@ -40,8 +42,9 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(backend.generator("cpu").standard_normal((num_embeddings, embedding_dim),
-                                                                          dtype=np.float32))
+        shape = (num_embeddings, embedding_dim)
+        self.weight = Parameter(np.empty(shape, dtype=np.float32) if init_skipped()
+                                else backend.generator("cpu").standard_normal(shape, dtype=np.float32))
 
     def forward(self, ids) -> Tensor:
         return F.embedding(ids, self.weight)

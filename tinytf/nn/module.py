@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
 
 from .. import backend
 from ..tensor import Tensor
+
+_init_skipped = False
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules whose parameters are left uninitialized, for a checkpoint to overwrite at once: drawing a large
+    model's random initial weights takes longer than loading the real ones (and would move the seeded generator)."""
+    global _init_skipped
+    previous, _init_skipped = _init_skipped, True
+    try:
+        yield
+    finally:
+        _init_skipped = previous
+
+
+def init_skipped() -> bool:
+    return _init_skipped
 
 
 class Parameter(Tensor):

@@ -1,0 +1,411 @@
+"""Hugging Face checkpoints in and out: GPT-2 and Llama model folders <-> tinytf's `GPT`.
+
+A Hugging Face model folder holds `config.json` and the weights, as `model.safetensors` or as shards listed in
+`model.safetensors.index.json`. Both families are tinytf's one decoder with different settings; their tensors map
+onto tinytf's names as follows (per block i, in `transformer.h.{i}` / `model.layers.{i}`):
+
+    tinytf                GPT-2 ("transformer." prefix)     Llama ("model." prefix)
+    wte                   wte                               embed_tokens
+    wpe                   wpe                               -  (RoPE)
+    blocks.i.norm1        h.i.ln_1                          layers.i.input_layernorm
+    blocks.i.attn.c_attn  h.i.attn.c_attn                   layers.i.self_attn.q_proj | k_proj | v_proj
+    blocks.i.attn.c_proj  h.i.attn.c_proj                   layers.i.self_attn.o_proj
+    blocks.i.norm2        h.i.ln_2                          layers.i.post_attention_layernorm
+    blocks.i.mlp.c_fc     h.i.mlp.c_fc                      -
+    blocks.i.mlp.gate/up  -                                 layers.i.mlp.gate_proj / up_proj
+    blocks.i.mlp.c_proj   h.i.mlp.c_proj                    layers.i.mlp.down_proj
+    ln_f                  ln_f                              norm
+    lm_head               lm_head (absent when tied)        lm_head (absent when tied)
+
+GPT-2 keeps its block weights as Conv1D, (in, out): they are transposed to tinytf's (out, in). tinytf fuses Llama's
+q/k/v projections into one matrix, rows [q heads | k heads | v heads], the order GPT-2's c_attn has too.
+
+Everything is read without torch: the safetensors header is JSON, and bfloat16 is widened to float32 bitwise.
+No network access ever: a path that is not a local folder is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from .. import backend
+from ..checkpoint import CheckpointError, load_json, save_json, write_atomic
+from ..nn import skip_init
+from .gpt import GPT, GPTConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+_REQUIRED = object()  # a config.json key without a default
+
+
+class _Settings:
+    """config.json's values, each read with its key so that every error can name it."""
+
+    def __init__(self, values: dict, path: Path):
+        self.values, self.path = values, path
+
+    def get(self, key: str, default=_REQUIRED):
+        if key not in self.values and default is _REQUIRED:
+            raise CheckpointError(f"{self.path}: the key {key!r} is missing")
+        return self.values.get(key, default)
+
+    def refuse_unless(self, key: str, default, supported: tuple, reason: str) -> None:
+        value = self.values.get(key, default)
+        if value not in supported:
+            raise CheckpointError(
+                f"{self.path}: {key}={value!r} is not supported ({reason}; tinytf supports "
+                f"{' or '.join(map(repr, supported))})"
+            )
+
+
+# --- what differs between the families --------------------------------------------------------------------------------
+def _gpt2_fields(settings: _Settings) -> dict:
+    settings.refuse_unless("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"),
+                           "the MLP uses GELU's tanh approximation")
+    settings.refuse_unless("scale_attn_weights", True, (True,), "attention scores are scaled by 1/sqrt(head_dim)")
+    settings.refuse_unless("scale_attn_by_inverse_layer_idx", False, (False,), "every layer scales alike")
+    settings.refuse_unless("add_cross_attention", False, (False,), "a decoder-only model has no cross-attention")
+    return dict(bias=True)
+
+
+def _gpt2_entries(config: GPTConfig) -> dict:
+    if not config.bias:
+        raise ValueError("save_pretrained: GPT-2 has biases everywhere, this model has bias=False")
+    if config.n_kv_head != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head):
+        raise ValueError(
+            f"save_pretrained: GPT-2 has n_head key/value heads of size n_embd / n_head; this model has "
+            f"n_kv_head={config.n_kv_head}, head_dim={config.head_dim}"
+        )
+    # tinytf's one dropout rate acts where GPT-2's three do: embeddings, attention probabilities, residual branches.
+    return dict(activation_function="gelu_new", embd_pdrop=config.dropout, attn_pdrop=config.dropout)
+
+
+def _llama_fields(settings: _Settings) -> dict:
+    settings.refuse_unless("hidden_act", "silu", ("silu",), "the MLP is SwiGLU")
+    bias = settings.get("attention_bias", False)
+    if settings.get("mlp_bias", False) != bias:  # tinytf's one `bias` flag covers attention and MLP together
+        raise CheckpointError(
+            f"{settings.path}: attention_bias={bias!r} with mlp_bias={settings.get('mlp_bias', False)!r} is not "
+            "supported (tinytf has biases on both the attention and the MLP projections, or on neither)"
+        )
+    return dict(bias=bias, rope_theta=_rope_theta(settings))
+
+
+def _rope_theta(settings: _Settings) -> float:
+    """RoPE's base from `rope_parameters` (transformers 5) or the top-level `rope_theta` beside `rope_scaling` (4)."""
+    key = "rope_scaling" if settings.get("rope_scaling", None) else "rope_parameters"  # as in transformers
+    rope = settings.get(key, None) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{settings.path}: {key} must be an object, got {rope!r}")
+    type_key = "type" if "type" in rope and "rope_type" not in rope else "rope_type"  # "type": older configs
+    if rope.get(type_key, "default") != "default":
+        raise CheckpointError(
+            f"{settings.path}: {key}.{type_key}={rope[type_key]!r} is not supported (tinytf has the default rotary "
+            "embedding only, without scaling)"
+        )
+    return float(rope.get("rope_theta", settings.get("rope_theta", 10000.0)))
+
+
+def _llama_entries(config: GPTConfig) -> dict:
+    return dict(
+        hidden_act="silu", attention_bias=config.bias, mlp_bias=config.bias,
+        # transformers 5 reads rope_parameters, transformers 4 the top-level rope_theta.
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_theta=config.rope_theta,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """How one model family maps onto GPT: its fixed architecture, config.json keys and tensor names."""
+
+    architecture: dict  # the GPTConfig settings the family fixes
+    hf_class: str
+    config_keys: dict  # config.json key -> (GPTConfig field, the value transformers assumes when it is absent)
+    gpt_fields: Callable[[_Settings], dict]  # the family's other GPTConfig fields, refusing what tinytf lacks
+    hf_entries: Callable[[GPTConfig], dict]  # the family's other config.json entries
+    prefix: str  # of every tensor name but lm_head's
+    blocks: str  # the list of decoder blocks
+    modules: dict[str, tuple[str, ...]]  # tinytf module -> the Hugging Face module(s) it is made of
+    block_modules: dict[str, tuple[str, ...]]  # the same inside a block
+    conv1d: bool  # block weights stored (in, out)
+    ignored: re.Pattern  # buffers that old checkpoints carry and loading skips
+
+
+_FAMILIES = {
+    "gpt2": _Family(
+        architecture=dict(norm="layernorm", mlp="gelu", pos="learned"),
+        hf_class="GPT2LMHeadModel",
+        config_keys={
+            "vocab_size": ("vocab_size", _REQUIRED), "n_positions": ("block_size", _REQUIRED),
+            "n_layer": ("n_layer", _REQUIRED), "n_head": ("n_head", _REQUIRED), "n_embd": ("n_embd", _REQUIRED),
+            "n_inner": ("mlp_hidden", None), "layer_norm_epsilon": ("norm_eps", 1e-5),
+            "tie_word_embeddings": ("tie_weights", True), "resid_pdrop": ("dropout", 0.1),
+        },
+        gpt_fields=_gpt2_fields,
+        hf_entries=_gpt2_entries,
+        prefix="transformer.",
+        blocks="h",
+        modules={"wte": ("wte",), "wpe": ("wpe",), "ln_f": ("ln_f",)},
+        block_modules={
+            "norm1": ("ln_1",), "attn.c_attn": ("attn.c_attn",), "attn.c_proj": ("attn.c_proj",),
+            "norm2": ("ln_2",), "mlp.c_fc": ("mlp.c_fc",), "mlp.c_proj": ("mlp.c_proj",),
+        },
+        conv1d=True,
+        ignored=re.compile(r"\.attn\.(masked_)?bias$"),  # the causal mask and its fill value
+    ),
+    "llama": _Family(
+        architecture=dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
+        hf_class="LlamaForCausalLM",
+        config_keys={
+            "vocab_size": ("vocab_size", _REQUIRED), "max_position_embeddings": ("block_size", _REQUIRED),
+            "num_hidden_layers": ("n_layer", _REQUIRED), "num_attention_heads": ("n_head", _REQUIRED),
+            "num_key_value_heads": ("n_kv_head", None), "hidden_size": ("n_embd", _REQUIRED),
+            "head_dim": ("head_dim", None), "intermediate_size": ("mlp_hidden", _REQUIRED),
+            "rms_norm_eps": ("norm_eps", 1e-6), "tie_word_embeddings": ("tie_weights", False),
+        },
+        gpt_fields=_llama_fields,
+        hf_entries=_llama_entries,
+        prefix="model.",
+        blocks="layers",
+        modules={"wte": ("embed_tokens",), "ln_f": ("norm",)},
+        block_modules={
+            "norm1": ("input_layernorm",),
+            "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "attn.c_proj": ("self_attn.o_proj",),
+            "norm2": ("post_attention_layernorm",),
+            "mlp.gate": ("mlp.gate_proj",), "mlp.up": ("mlp.up_proj",), "mlp.c_proj": ("mlp.down_proj",),
+        },
+        conv1d=False,
+        ignored=re.compile(r"\.rotary_emb\.inv_freq$"),  # the RoPE frequencies, recomputed from rope_theta
+    ),
+}
+
+
+# --- loading ----------------------------------------------------------------------------------------------------------
+def from_pretrained(path) -> GPT:
+    """A GPT-2 or Llama model from a local Hugging Face folder, in float32 and in eval mode.
+
+    Raises CheckpointError naming the file and the problem: not a local folder, a missing or malformed file, an
+    unsupported setting (with its key and value), or tensors that do not fit the config (all of them listed).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{str(path)!r} is not a local folder; tinytf never downloads from the Hugging Face Hub: fetch the model "
+            "folder (config.json and model.safetensors) yourself and pass its path"
+        )
+    if not (folder / CONFIG_FILE).exists():
+        raise CheckpointError(f"{folder} holds no {CONFIG_FILE}: it is not a Hugging Face model folder")
+    hf_config = load_json(folder / CONFIG_FILE)
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    if model_type not in _FAMILIES:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: model_type={model_type!r} is not supported; tinytf loads {', '.join(_FAMILIES)}"
+        )
+    family = _FAMILIES[model_type]
+    config = _read_config(_Settings(hf_config, folder / CONFIG_FILE), family)
+    with skip_init():  # every parameter is loaded below
+        model = GPT(config)
+    model.load_state_dict(_to_tinytf(_read_weights(folder), model, family, folder))
+    return model.eval()
+
+
+def _read_config(settings: _Settings, family: _Family) -> GPTConfig:
+    fields = {field: settings.get(key, default) for key, (field, default) in family.config_keys.items()}
+    try:
+        if fields.get("head_dim") == fields["n_embd"] // fields["n_head"]:
+            fields["head_dim"] = None  # GPTConfig's way of saying n_embd // n_head
+        return GPTConfig(**fields, **family.gpt_fields(settings), **family.architecture)
+    except CheckpointError:
+        raise
+    except (ArithmeticError, TypeError, ValueError) as error:  # values GPTConfig rejects, such as 0 heads
+        raise CheckpointError(f"{settings.path}: {error}") from None
+
+
+def _read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's safetensors file(s), as float32."""
+    if (folder / WEIGHTS_FILE).exists():
+        return _read_safetensors(folder / WEIGHTS_FILE)
+    if (folder / INDEX_FILE).exists():
+        index = load_json(folder / INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise CheckpointError(f"{folder / INDEX_FILE}: no \"weight_map\" from tensor names to shard files")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:  # the index must not send the loader outside the folder
+                raise CheckpointError(f"{folder / INDEX_FILE}: shard {shard!r} is not a file name in the folder")
+            tensors.update(_read_safetensors(folder / shard))
+        return tensors
+    message = f"{folder} holds neither {WEIGHTS_FILE} nor {INDEX_FILE}"
+    pickles = sorted(path.name for path in folder.iterdir() if path.suffix in (".bin", ".pt", ".pth"))
+    if pickles:
+        message += f"; {', '.join(pickles)} are PyTorch pickles, which need torch: convert them to safetensors"
+    raise CheckpointError(message)
+
+
+# NumPy has no bfloat16: its tensors are read as the raw 16 bits.
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file as float32. The format: an 8-byte little-endian header size, a JSON header
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}} and the raw data, offsets counted from the data's start."""
+    try:
+        with open(path, "rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_size))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_size
+    # Mapped rather than read: float32 tensors stay views of the file until load_state_dict copies them.
+    data = np.memmap(path, np.uint8, "r", data_start) if path.stat().st_size > data_start else np.empty(0, np.uint8)
+    return {name: _tensor(data, path, name, entry) for name, entry in header.items()}
+
+
+def _tensor(data: np.ndarray, path: Path, name: str, entry) -> np.ndarray:
+    try:
+        dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: the header entry of {name!r} is malformed: {entry!r:.200}") from None
+    if dtype_name not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: {name!r} has dtype {dtype_name}; tinytf loads {', '.join(_SAFETENSORS_DTYPES)}")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name]).newbyteorder("<")
+    if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data.size:
+        raise CheckpointError(f"{path}: {name!r} does not fit the file (truncated or corrupt)")
+    raw = data[begin:end].view(dtype).reshape(shape)
+    if dtype_name == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)  # a bfloat16 is a float32's upper 16 bits
+    return raw.astype(np.float32, copy=False)
+
+
+def _to_tinytf(tensors: dict[str, np.ndarray], model: GPT, family: _Family, folder: Path) -> dict[str, np.ndarray]:
+    """The model's state dict built from a checkpoint's tensors; one error lists every missing, unexpected or
+    mis-shaped tensor."""
+    # Checkpoints of the bare model (GPT2Model, LlamaModel) name their tensors without the prefix.
+    prefix = family.prefix if any(name.startswith(family.prefix) for name in tensors) else ""
+    links = _links(model, family, prefix)
+    expected = {name: shape for link in links for name, shape in link.theirs.items()}
+    ignored = {name for name in tensors if family.ignored.search(name)}
+    if model.config.tie_weights:
+        ignored.add("lm_head.weight")  # some checkpoints store the tied head too; transformers ignores it as well
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected and name not in ignored]
+    misshaped = [f"{name}: checkpoint {tensors[name].shape}, model {shape}"
+                 for name, shape in expected.items() if name in tensors and tensors[name].shape != shape]
+    problems = [f"{title}: {', '.join(names)}" for title, names in
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped))
+                if names]
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not fit the model its {CONFIG_FILE} describes: "
+                              + " | ".join(problems))
+
+    state = {}
+    for link in links:
+        parts = [tensors[name] for name in link.theirs]
+        array = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        state[link.ours] = _transposed(array) if link.transposed else array
+    if model.config.tie_weights:
+        state["lm_head.weight"] = state["wte.weight"]
+    return state
+
+
+def _transposed(array: np.ndarray, band: int = 64) -> np.ndarray:
+    """array.T, C-contiguous. Copied a band of rows at a time, which stays in cache: NumPy's plain copy of the
+    transposed view strides across all of memory and is a few times slower (most of GPT-2's load time)."""
+    out = np.empty(array.shape[::-1], array.dtype)
+    for start in range(0, array.shape[0], band):
+        out[:, start : start + band] = array[start : start + band].T
+    return out
+
+
+@dataclasses.dataclass
+class _Link:
+    """One tinytf tensor and the Hugging Face tensors (name -> shape) it is made of, concatenated along axis 0."""
+
+    ours: str
+    theirs: dict[str, tuple[int, ...]]
+    transposed: bool
+
+
+def _links(model: GPT, family: _Family, prefix: str) -> list[_Link]:
+    config = model.config
+    head_dim = config.head_dim or config.n_embd // config.n_head
+    qkv_rows = (config.n_head * head_dim, config.n_kv_head * head_dim, config.n_kv_head * head_dim)
+    links = []
+    for ours, array in model.state_dict().items():
+        module, kind = ours.rsplit(".", 1)  # "blocks.3.attn.c_attn", "weight"
+        if module == "lm_head":
+            if config.tie_weights:
+                continue  # stored once, as the embedding
+            modules, transposed = ("lm_head",), False
+        elif module.startswith("blocks."):
+            _, index, inner = module.split(".", 2)
+            modules = tuple(f"{prefix}{family.blocks}.{index}.{name}" for name in family.block_modules[inner])
+            transposed = family.conv1d and array.ndim == 2
+        else:
+            modules, transposed = tuple(prefix + name for name in family.modules[module]), False
+        shape = array.shape[::-1] if transposed else array.shape
+        rows = qkv_rows if len(modules) == 3 else (shape[0],)  # only Llama's q/k/v come in parts
+        theirs = {f"{name}.{kind}": (part_rows, *shape[1:]) for name, part_rows in zip(modules, rows)}
+        links.append(_Link(ours, theirs, transposed))
+    return links
+
+
+# --- saving -----------------------------------------------------------------------------------------------------------
+def save_pretrained(model: GPT, path) -> Path:
+    """Write `config.json` and `model.safetensors` into the folder `path` (created if needed), in the layout that
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Returns the folder."""
+    model_type = _model_type_of(model.config)
+    family = _FAMILIES[model_type]
+    hf_config = {
+        "architectures": [family.hf_class],
+        "model_type": model_type,
+        **{key: getattr(model.config, field) for key, (field, _) in family.config_keys.items()},
+        **family.hf_entries(model.config),
+        # Token ids belong to a tokenizer, which tinytf does not save. Unset, generate() stops only at its length
+        # (transformers' defaults, such as Llama's eos_token_id 2, would stop it at an arbitrary token).
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+    }
+    state = model.state_dict()
+    tensors = {}
+    for link in _links(model, family, family.prefix):
+        array = backend.to_numpy(state[link.ours])
+        array = array.T if link.transposed else array
+        boundaries = np.cumsum([shape[0] for shape in link.theirs.values()])[:-1]
+        for name, part in zip(link.theirs, np.split(array, boundaries)):
+            tensors[name] = np.ascontiguousarray(part)  # safetensors writes the raw buffer
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # "format": "pt" tells transformers the tensors are laid out as PyTorch's, as every Hub checkpoint says.
+    write_atomic(folder / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    save_json(folder / CONFIG_FILE, hf_config)
+    return folder
+
+
+def _model_type_of(config: GPTConfig) -> str:
+    for model_type, family in _FAMILIES.items():
+        if all(getattr(config, key) == value for key, value in family.architecture.items()):
+            return model_type
+    raise ValueError(
+        f"save_pretrained writes GPT-2 (layernorm, gelu, learned positions) or Llama (rmsnorm, swiglu, rope) models; "
+        f"this one has norm={config.norm!r}, mlp={config.mlp!r}, pos={config.pos!r}"
+    )
