@@ -31,7 +31,7 @@ from .models import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
 from .tensor import no_grad
 
-MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout")
+MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "mlp_hidden")
 
 
 class UserError(Exception):
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--block-size", type=int, default=64, help="context length in characters")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     model.add_argument("--mlp-hidden", type=int, default=None, help="MLP hidden width (default: preset's rule)")
+    model.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                       help="biases in Linear and LayerNorm layers (default: the preset's; nanoGPT trains without)")
     optimization = parser.add_argument_group("optimization (AdamW, warmup then cosine decay)")
     optimization.add_argument("--batch-size", type=int, default=12,
                               help="sequences per step (per rank in data-parallel runs)")
@@ -279,8 +281,7 @@ def train(args: argparse.Namespace) -> int:
         best_val = checkpoint.meta["best_val_loss"]
     else:
         overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
-        config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, mlp_hidden=args.mlp_hidden,
-                                       **overrides)
+        config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
         model = GPT(config).to(device)
         start, best_val = 0, math.inf
         seed_rank_dropout(args.seed)
