@@ -56,6 +56,9 @@ from .shape import (
     view,
 )
 
+# Last: the attention backends are built from the ops above.
+from ..attention import scaled_dot_product_attention  # noqa: E402
+
 
 def _reflected(op):
     return lambda self, other: op(other, self)

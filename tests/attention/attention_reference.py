@@ -1,0 +1,94 @@
+"""A materialized softmax attention on NumPy arrays, with its backward written out: the tests' reference.
+
+Deliberately the plain way: repeat K/V for grouped-query attention, build the full (B, Hq, T, S) score matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def reference_attention(q, k, v, dO=None, scale=None, is_causal=False, attn_mask=None, dtype=np.float64):
+    """q (B, Hq, T, D), k, v (B, Hkv, S, D) -> O, or (O, dq, dk, dv) when dO is given; computed in `dtype`.
+
+    The tests take it in a higher precision as the truth and measure float32 and float64 errors against it.
+
+    attn_mask: bool (True = keep) or additive float, broadcastable to (B, Hq, T, S). Rows that see no key give 0.
+    """
+    q, k, v = (np.asarray(x, dtype=dtype) for x in (q, k, v))
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    dtype = np.dtype(dtype).type
+    k_rep, v_rep = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+    scores = q @ k_rep.transpose(0, 1, 3, 2) * dtype(scale)
+    keep = np.ones((T, S), dtype=bool)
+    if is_causal:
+        keep = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+    if attn_mask is not None and np.asarray(attn_mask).dtype == bool:
+        keep = keep & np.asarray(attn_mask)
+    elif attn_mask is not None:
+        scores = scores + np.asarray(attn_mask, dtype=dtype)
+    scores = np.where(keep, scores, -np.inf)
+    m = scores.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    e = np.exp(scores - m)
+    l = e.sum(axis=-1, keepdims=True)
+    P = e / np.where(l > 0, l, 1)
+    O = P @ v_rep
+    if dO is None:
+        return O
+    dO = np.asarray(dO, dtype=dtype)
+    dv = P.transpose(0, 1, 3, 2) @ dO
+    dP = dO @ v_rep.transpose(0, 1, 3, 2)
+    dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    dq = dS @ k_rep * dtype(scale)
+    dk = dS.transpose(0, 1, 3, 2) @ q * dtype(scale)
+    # Each K/V head fed G query heads: its gradient is the sum over them.
+    dk = dk.reshape(B, Hkv, G, S, D).sum(axis=2)
+    dv = dv.reshape(B, Hkv, G, S, D).sum(axis=2)
+    return O, dq, dk, dv
+
+
+def max_errors(results, truth):
+    """Largest absolute error of each of the arrays in `results` against `truth`."""
+    return [float(np.max(np.abs(np.asarray(r, dtype=np.longdouble) - t), initial=0.0)) for r, t in zip(results, truth)]
+
+
+def assert_as_accurate_as_naive(results, q, k, v, dO=None, factor=4.0, **options):
+    """Each of `results` (O, then dq, dk, dv if dO is given) is within `factor` times the error of the naive
+    algorithm run in the same precision, both measured against the naive algorithm in a higher one (float64 for
+    float32 and half results, long double for float64 ones).
+
+    That is FlashAttention's own test criterion: a reordered computation may not be worse than a small multiple of
+    the plain one's rounding error. Two floors cover the cases where naive is exact or nearly so by luck:
+    - a few ulps of the largest result;
+    - for gradients, the rounding of D_i = rowsum(dO_i * O_i): FlashAttention-2 takes D from the saved O, while
+      naive sums rowsum(P * dP) from the very dP it subtracts it from, so where dP - D cancels (few visible keys,
+      D = 1) naive's error cancels too and flash's is ~ eps * sqrt(d) |dO| |v| * scale * |k or q|.
+    """
+    dtype = np.asarray(results[0]).dtype
+    truth_dtype = np.longdouble if dtype == np.float64 else np.float64
+    truth = reference_attention(q, k, v, dO, dtype=truth_dtype, **options)
+    naive = reference_attention(q, k, v, dO, dtype=dtype, **options)
+    truth = truth if dO is not None else (truth,)
+    naive = naive if dO is not None else (naive,)
+    eps = np.finfo(dtype).eps
+    floors = [8 * eps * max([1.0] + [_max_abs(t) for t in truth])] * 4
+    if dO is not None:
+        d = q.shape[-1]
+        scale = options.get("scale") or 1 / np.sqrt(d)
+        rowsum_rounding = eps * np.sqrt(d) * _max_abs(dO) * _max_abs(v) * scale
+        floors[1] += 8 * rowsum_rounding * _max_abs(k)
+        floors[2] += 8 * rowsum_rounding * _max_abs(q)
+    names = ("O", "dq", "dk", "dv")
+    for name, error, naive_error, floor in zip(names, max_errors(results, truth), max_errors(naive, truth), floors):
+        assert error <= factor * naive_error + floor, (
+            f"{name}: error {error:.3g} against {np.dtype(truth_dtype)}, naive {dtype} error {naive_error:.3g} "
+            f"(allowed {factor * naive_error + floor:.3g})"
+        )
+
+
+def _max_abs(x) -> float:
+    return float(np.max(np.abs(x), initial=0.0))

@@ -1,0 +1,219 @@
+"""scaled_dot_product_attention through tinytf Tensors: both backends agree, differentiate correctly, and reject
+what they cannot do with an error that says what to do instead."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinytf
+from attention.attention_reference import assert_as_accurate_as_naive, reference_attention
+from tinytf.attention import AUTO_FLASH_MIN_SCORES, _choose_backend, scaled_dot_product_attention
+from tinytf.testing import gradcheck
+
+
+def tensors(*arrays, requires_grad=True):
+    return [tinytf.tensor(a, requires_grad=requires_grad) for a in arrays]
+
+
+def random_qkv(B, Hq, Hkv, T, S, D, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hq, T, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, S, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, S, D)).astype(dtype)
+    dO = rng.standard_normal((B, Hq, T, D)).astype(dtype)
+    return q, k, v, dO
+
+
+def attention_with_grads(backend, q, k, v, dO, **options):
+    """Output and dq, dk, dv of the public op with the given backend, as arrays."""
+    tq, tk, tv = tensors(q, k, v)
+    out = scaled_dot_product_attention(tq, tk, tv, backend=backend, **options)
+    out.backward(dO)
+    return out.numpy(), tq.grad, tk.grad, tv.grad
+
+
+@st.composite
+def problems(draw):
+    Hkv, G = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
+    T, S = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    is_causal = draw(st.booleans())
+    if is_causal and T > S:
+        T, S = S, T
+    return dict(B=draw(st.integers(1, 2)), Hq=Hkv * G, Hkv=Hkv, T=T, S=S, D=draw(st.sampled_from([3, 16, 59])),
+                is_causal=is_causal, key_padding=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)),
+                dtype=draw(st.sampled_from([np.float32, np.float64])))
+
+
+@settings(max_examples=max(15, settings.default.max_examples // 2))
+@given(problem=problems())
+def test_flash_matches_naive_values_and_gradients(problem):
+    q, k, v, dO = random_qkv(*(problem[n] for n in ("B", "Hq", "Hkv", "T", "S", "D", "dtype", "seed")))
+    mask = None
+    if problem["key_padding"]:
+        mask = np.random.default_rng(problem["seed"]).random((problem["B"], 1, 1, problem["S"])) < 0.8
+    options = dict(is_causal=problem["is_causal"], attn_mask=mask)
+    flash = attention_with_grads("flash", q, k, v, dO, **options)
+    naive = attention_with_grads("naive", q, k, v, dO, **options)
+    assert all(a.dtype == q.dtype for a in flash + naive)
+    assert_as_accurate_as_naive(flash, q, k, v, dO, **options)
+    assert_as_accurate_as_naive(naive, q, k, v, dO, factor=1.5, **options)
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+@pytest.mark.parametrize("is_causal, key_padding, Hq, Hkv, T, S", [
+    (True, False, 2, 1, 3, 5),
+    (False, True, 2, 2, 4, 3),
+    (True, True, 3, 1, 2, 4),
+])
+def test_gradcheck_in_float64(backend, is_causal, key_padding, Hq, Hkv, T, S):
+    q, k, v, _ = random_qkv(2, Hq, Hkv, T, S, 4, seed=11)
+    mask = np.array([[[[True] * S]], [[[False] + [True] * (S - 1)]]]) if key_padding else None
+    assert gradcheck(
+        lambda q, k, v: scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend=backend),
+        *tensors(q, k, v),
+    )
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_grouped_query_attention_equals_attention_on_repeated_heads(backend):
+    q, k, v, dO = random_qkv(2, 6, 2, 13, 21, 8, seed=4)
+    grouped = attention_with_grads(backend, q, k, v, dO, is_causal=True)
+    repeated = attention_with_grads("naive", q, np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1), dO, is_causal=True)
+    np.testing.assert_allclose(grouped[0], repeated[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(grouped[1], repeated[1], rtol=1e-12, atol=1e-13)
+    for got, want in zip(grouped[2:], repeated[2:]):  # a shared K/V head collects the gradients of its group
+        np.testing.assert_allclose(got, want.reshape(2, 2, 3, 21, 8).sum(axis=2), rtol=1e-12, atol=1e-12)
+
+
+def test_naive_supports_general_boolean_and_additive_masks():
+    q, k, v, dO = random_qkv(2, 2, 1, 5, 7, 4, seed=8)
+    rng = np.random.default_rng(8)
+    bool_mask = rng.random((2, 2, 5, 7)) < 0.6
+    bool_mask[0, 0, 1] = False  # one row sees nothing
+    additive = np.where(rng.random((5, 7)) < 0.3, -np.inf, rng.standard_normal((5, 7)))
+    for mask in (bool_mask, additive):
+        got = attention_with_grads("naive", q, k, v, dO, attn_mask=mask, is_causal=True)
+        want = reference_attention(q, k, v, dO, attn_mask=mask, is_causal=True)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert not got[0][0, 0, 1].any() if mask is bool_mask else True
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_rows_without_visible_keys_give_zeros_not_nan(backend):
+    q, k, v, dO = random_qkv(2, 2, 2, 4, 6, 8, dtype=np.float32)
+    mask = np.ones((2, 1, 1, 6), dtype=bool)
+    mask[1] = False  # the second sequence is all padding
+    mask[0, ..., :2] = False  # with is_causal, query 0 of the first sequence sees keys 0..2, of which only 2
+    out, dq, dk, dv = attention_with_grads(backend, q, k, v, dO, attn_mask=mask, is_causal=True)
+    for array in (out, dq, dk, dv):
+        assert np.isfinite(array).all()
+    assert not out[1].any() and not dq[1].any() and not dk[1].any() and not dv[1].any()
+    assert not dk[0, :, :2].any() and not dv[0, :, :2].any()
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_extreme_logits_stay_finite(backend):
+    rng = np.random.default_rng(9)
+    q, k, v, dO = (1e3 * rng.standard_normal((1, 2, 9, 4)).astype(np.float32) for _ in range(4))
+    out, *grads = attention_with_grads(backend, q, k, v, dO, scale=100.0, is_causal=True)
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_half_precision_returns_half(backend):
+    q, k, v, dO = random_qkv(1, 2, 1, 5, 5, 8, dtype=np.float16, seed=6)
+    out, dq, dk, dv = attention_with_grads(backend, q, k, v, dO, is_causal=True)
+    assert out.dtype == dq.dtype == dk.dtype == dv.dtype == np.float16
+    np.testing.assert_allclose(out, reference_attention(q, k, v, is_causal=True), atol=5e-3)
+
+
+def test_flash_records_one_graph_node_and_none_under_no_grad():
+    q, k, v = tensors(*random_qkv(1, 2, 2, 3, 3, 4)[:3])
+    out = scaled_dot_product_attention(q, k, v, backend="flash")
+    assert type(out.grad_fn).__name__ == "FlashAttention" and out.grad_fn.inputs == (q, k, v)
+    with tinytf.no_grad():
+        assert scaled_dot_product_attention(q, k, v, backend="flash").grad_fn is None
+
+
+def test_default_scale_is_one_over_sqrt_head_size():
+    q, k, v, _ = random_qkv(1, 1, 1, 3, 4, 16)
+    for backend in ("naive", "flash"):
+        default = scaled_dot_product_attention(*tensors(q, k, v), backend=backend).numpy()
+        explicit = scaled_dot_product_attention(*tensors(q, k, v), scale=0.25, backend=backend).numpy()
+        np.testing.assert_allclose(default, explicit, rtol=1e-14)
+
+
+def test_auto_picks_flash_for_long_sequences_and_naive_otherwise():
+    short = tinytf.zeros(1, 1, 8, 4)
+    long = tinytf.zeros(1, 1, int(np.sqrt(AUTO_FLASH_MIN_SCORES)) + 1, 4)
+    assert _choose_backend(short, short, None) == "naive"
+    assert _choose_backend(long, long, None) == "flash"
+    assert _choose_backend(long, long, np.ones((1, 1, 1, long.shape[2]), dtype=bool)) == "flash"
+    assert _choose_backend(long, long, np.zeros((1, 1, long.shape[2], long.shape[2]))) == "naive"  # additive
+    q, k, v, _ = random_qkv(1, 2, 1, 6, 6, 4)
+    np.testing.assert_allclose(scaled_dot_product_attention(*tensors(q, k, v), is_causal=True).numpy(),
+                               reference_attention(q, k, v, is_causal=True), rtol=1e-12)
+
+
+def test_functional_reexports_the_op():
+    import tinytf.functional as F
+
+    assert F.scaled_dot_product_attention is scaled_dot_product_attention
+
+
+# --- errors -------------------------------------------------------------------------------------------------------
+
+
+def sdpa_shapes(q_shape, k_shape, v_shape=None, **options):
+    q, k = tinytf.zeros(*q_shape), tinytf.zeros(*k_shape)
+    v = tinytf.zeros(*(v_shape or k_shape))
+    return scaled_dot_product_attention(q, k, v, **options)
+
+
+def test_causal_with_more_queries_than_keys_is_an_error():
+    with pytest.raises(ValueError, match=r"is_causal needs T <= S.*T=5.*S=3"):
+        sdpa_shapes((1, 1, 5, 4), (1, 1, 3, 4), is_causal=True)
+
+
+@pytest.mark.parametrize("mask_shape, dtype", [((1, 1, 4, 4), bool), ((1, 1, 1, 4), np.float32), ((4, 4), bool)])
+def test_flash_rejects_masks_it_cannot_apply_and_names_the_naive_backend(mask_shape, dtype):
+    with pytest.raises(ValueError, match="backend='naive'"):
+        sdpa_shapes((1, 2, 4, 8), (1, 2, 4, 8), attn_mask=np.ones(mask_shape, dtype=dtype), backend="flash")
+
+
+def test_query_heads_must_be_a_multiple_of_key_value_heads():
+    with pytest.raises(ValueError, match="multiple of the 2 key/value heads"):
+        sdpa_shapes((1, 3, 4, 8), (1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape, message", [
+    ((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 5, 8), "k and v must have the same shape"),
+    ((1, 2, 4, 8), (1, 2, 4, 6), None, "head size"),
+    ((2, 2, 4, 8), (1, 2, 4, 8), None, "batch"),
+    ((2, 4, 8), (2, 4, 8), None, "4 dimensions"),
+])
+def test_shape_mismatches_are_reported(q_shape, k_shape, v_shape, message):
+    with pytest.raises(ValueError, match=message):
+        sdpa_shapes(q_shape, k_shape, v_shape)
+
+
+def test_mask_that_does_not_broadcast_is_reported():
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sdpa_shapes((1, 2, 4, 8), (1, 2, 5, 8), attn_mask=np.ones((1, 1, 1, 4), dtype=bool))
+
+
+def test_unknown_backend_and_mixed_dtypes_are_reported():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        sdpa_shapes((1, 1, 2, 2), (1, 1, 2, 2), backend="fast")
+    q, k = tinytf.zeros(1, 1, 2, 2), tinytf.zeros(1, 1, 2, 2, dtype="float64")
+    with pytest.raises(TypeError, match="share a dtype"):
+        scaled_dot_product_attention(q, k, k)
+
+
+def test_cuda_backend_without_a_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backend='cuda'.*'flash' or 'naive'"):
+        sdpa_shapes((1, 1, 2, 2), (1, 1, 2, 2), backend="cuda")

@@ -1,0 +1,366 @@
+"""FlashAttention-2 on arrays: exact attention without ever forming the (T, S) matrix of scores.
+
+Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
+Queries are cut into row tiles of Br positions, keys and values into column tiles of Bc positions; the scores of
+one (Br, Bc) tile at a time are computed, used and dropped.
+
+Forward (the paper's Algorithm 1), for each row tile i:
+    m = -inf, l = 0, O_i = 0                               running row max, running row sum, unnormalized output
+    for each column tile j that row tile i can see:
+        S_ij  = Q_i K_j^T * scale                          (Br, Bc)
+        m_new = max(m, rowmax(S_ij))
+        P_ij  = exp(S_ij - m_new)
+        l     = exp(m - m_new) * l + rowsum(P_ij)
+        O_i   = exp(m - m_new) * O_i + P_ij V_j            rescale the accumulator once per tile
+        m     = m_new
+    O_i = O_i / l,  L_i = m + log(l)                       only O and the row log-sum-exp L are saved
+
+Backward (Algorithm 2), with D = rowsum(dO * O) computed once, for each column tile j:
+    for each row tile i that can see it:
+        P_ij  = exp(Q_i K_j^T * scale - L_i)               recomputed from L: softmax without max or sum
+        dV_j += P_ij^T dO_i
+        dP_ij = dO_i V_j^T
+        dS_ij = P_ij * (dP_ij - D_i)                       softmax backward, since rowsum(P * dP) = D
+        dQ_i += dS_ij K_j * scale
+        dK_j += dS_ij^T Q_i * scale
+
+How this file maps that onto NumPy (the same code runs on CuPy); shapes use N = B * Hkv, d = head size, and Br
+for the rows of a tile (Br positions times G heads, see below):
+- Batch and heads: every tile is a stack of N matrices, multiplied by one batched matmul.
+- Grouped-query attention: the G = Hq // Hkv query heads that share one K/V head are stacked as extra rows of the
+  row tile (rows ordered (position, head)), so one matmul serves the whole group, and the matmuls that give dK_j and
+  dV_j sum over the group by themselves. Repeated K/V is never built.
+- Causal, aligned bottom-right: query t sees keys s <= t + S - T. Tiles entirely above that diagonal are skipped,
+  tiles entirely below it are not masked, and only tiles that cross it get a -inf bias (as does a key-padding mask).
+- Score tiles are stored key-major, S_ji = S_ij^T laid out (Bc, N, Br): the row max and row sum then reduce over
+  the outermost axis and m, L, D broadcast over it, which NumPy runs over long contiguous stretches (about 3x faster
+  than reducing along the last axis). O_i accumulates the same way, (d, N, Br).
+- exp2 instead of exp (cheaper in NumPy, as on GPUs): log2(e) is folded into the scale that Q is multiplied by once,
+  so S, m and L live in base 2 inside; L is returned in natural log. dK inherits the scale from the scaled Q.
+- Rows with no visible key: m stays -inf and l stays 0; they get O = 0 and L = +inf, so P = 0 in backward.
+- Work partitioning as in FA2: the forward hands row tiles to worker threads, the backward groups of column tiles
+  (each group then owns its dK_j, dV_j and keeps its own share of dQ). NumPy drops the GIL inside matmul and ufuncs,
+  and each tile's matmul is small enough that BLAS runs it on the calling thread, so the workers use all cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..tensor import Function
+
+LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
+
+# OpenBLAS (0.3.31 here, on this CPU's kernels) runs a matmul of up to m * n * k = 10**6 multiply-adds on the calling
+# thread and splits bigger ones across its own threads (`python bench/attention.py --blas` shows where). For
+# tile-sized matrices that split costs more than it gains, and it fights the worker threads below for the cores. So
+# tiles stay at or under that size: Br * G rows x Bc keys x d.
+BLAS_SINGLE_THREAD_MACS = 1_000_000
+TILE_ROWS = 64  # query rows per tile (Br * G); measured with Bc at 64 to 192 (bench/attention.py --tiles)
+# Below this many scores per call (B * Hq * T * S) the worker threads cost more than they save.
+MIN_SCORES_FOR_THREADS = 1 << 18
+NUM_THREADS = None  # worker threads on the CPU; None = one per core the process may use
+
+
+def default_tile_sizes(G: int, d: int) -> tuple[int, int]:
+    """(Br, Bc): 64 query rows (Br positions of G heads each) and the most keys, of 256, 128, 64, 32 or 16, that
+    keep every tile matmul (rows x Bc x d multiply-adds) on the calling thread."""
+    Bc = next((Bc for Bc in (256, 128, 64, 32) if TILE_ROWS * Bc * d <= BLAS_SINGLE_THREAD_MACS), 16)
+    return max(1, TILE_ROWS // G), Bc
+
+
+class Tiling:
+    """Which (row tile i, column tile j) pairs exist, and which of them the causal mask cuts."""
+
+    def __init__(self, T: int, S: int, G: int, Br: int, Bc: int, is_causal: bool):
+        self.T, self.S, self.G, self.Br, self.Bc, self.is_causal = T, S, G, Br, Bc, is_causal
+        self.offset = S - T  # bottom-right alignment: query t sees keys s <= t + offset
+        self.n_row_tiles = -(-T // Br)
+        self.n_col_tiles = -(-S // Bc)
+
+    def positions(self, i: int) -> tuple[int, int]:
+        """First and last + 1 query position of row tile i."""
+        return i * self.Br, min((i + 1) * self.Br, self.T)
+
+    def rows(self, i: int) -> slice:
+        """Row tile i in the (position, head-in-group) row layout: Br * G rows."""
+        t0, t1 = self.positions(i)
+        return slice(t0 * self.G, t1 * self.G)
+
+    def cols(self, j: int) -> slice:
+        return slice(j * self.Bc, min((j + 1) * self.Bc, self.S))
+
+    def is_visible(self, i: int, j: int) -> bool:
+        """False when every key of tile j is in the future of every query of tile i."""
+        return not self.is_causal or self.cols(j).start <= self.positions(i)[1] - 1 + self.offset
+
+    def crosses_diagonal(self, i: int, j: int) -> bool:
+        """True when some key of tile j is in the future of some query of tile i."""
+        return self.is_causal and self.cols(j).stop - 1 > self.positions(i)[0] + self.offset
+
+    def visible_cols(self, i: int) -> list[int]:
+        return [j for j in range(self.n_col_tiles) if self.is_visible(i, j)]
+
+    def visible_rows(self, j: int) -> list[int]:
+        return [i for i in range(self.n_row_tiles) if self.is_visible(i, j)]
+
+    def future_keys(self, i: int, j: int, xp):
+        """(Bc, Br * G) bool, True where key s is in the future of the column's query t: s > t + offset."""
+        t = xp.repeat(xp.arange(*self.positions(i)), self.G)
+        s = xp.arange(self.cols(j).start, self.cols(j).stop)
+        return s[:, None] > t[None, :] + self.offset
+
+
+def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, block_q=None, block_k=None,
+                            num_threads=None):
+    """Q (B, Hq, T, d), K, V (B, Hkv, S, d) -> O (B, Hq, T, d), L (B, Hq, T): the output and row log-sum-exp.
+
+    key_mask: None or bool (B or 1, S), True where a key may be attended (a key-padding mask).
+    block_q, block_k: the tile sizes Br and Bc (default: default_tile_sizes); num_threads: default one per core.
+    """
+    xp = get_array_module(Q, K, V)
+    B, Hq, T, _ = Q.shape
+    out_dtype, dtype = Q.dtype, _compute_dtype(Q.dtype)
+    tiling, n_threads = _plan(Q.shape, K.shape, is_causal, block_q, block_k, num_threads, xp)
+    mask = ScoreMask(tiling, key_mask, K.shape[1], dtype, xp)
+    Q = _to_rows(Q, K.shape[1], dtype)  # (N, T*G, d), N = B*Hkv; a view of the input when G == 1
+    K, V = _to_kv(K, dtype), _to_kv(V, dtype)  # (N, S, d)
+    N = Q.shape[0]
+    O = xp.empty_like(Q)
+    L = xp.empty((N, Q.shape[1]), dtype)
+
+    def forward_row_tiles(row_tiles):
+        scratch = {}
+        for i in row_tiles:
+            rows = tiling.rows(i)
+            Q_i_T = _transposed(Q[:, rows], scale * LOG2_E, xp)  # (N, d, Br)
+            m = xp.full((N, Q_i_T.shape[2]), -xp.inf, dtype)  # (N, Br)
+            l = xp.zeros_like(m)
+            O_i = xp.zeros((Q.shape[2], N, Q_i_T.shape[2]), dtype)  # (d, N, Br), laid out like S_ji
+            for j in tiling.visible_cols(i):
+                cols = tiling.cols(j)
+                S_ji = _product(scratch, "S", K[:, cols], Q_i_T, xp)  # (Bc, N, Br)
+                mask(S_ji, i, j)
+                m_new = xp.maximum(m, S_ji.max(axis=0))
+                # A row that has seen no visible key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+                # Only a key mask can do that: otherwise every row sees key 0 in its first tile, j = 0.
+                m_shift = m_new if mask.key_bias is None else xp.where(m_new == -xp.inf, dtype.type(0), m_new)
+                P_ji = xp.exp2(xp.subtract(S_ji, m_shift, out=S_ji), out=S_ji)
+                alpha = xp.exp2(m - m_shift)
+                l = alpha * l + P_ji.sum(axis=0)
+                O_i *= alpha
+                O_i += _product(scratch, "PV", V[:, cols].transpose(0, 2, 1), P_ji.transpose(1, 0, 2), xp)
+                m = m_new
+            seen = l > 0  # False for rows that see no key at all: O = 0 and L = +inf, so backward gives 0
+            l = xp.where(seen, l, dtype.type(1))
+            O[:, rows] = (O_i / l).transpose(1, 2, 0)
+            L[:, rows] = xp.where(seen, (m + xp.log2(l)) * dtype.type(LN_2), xp.inf)
+
+    # One row tile per task; under a causal mask the bottom row tiles see the most keys: hand them out first.
+    _run_groups(forward_row_tiles, [[i] for i in reversed(range(tiling.n_row_tiles))], n_threads)
+    O = _from_rows(O, B, tiling.G).astype(out_dtype, copy=False)
+    L = _from_rows(L[..., None], B, tiling.G)[..., 0]
+    return O, L
+
+
+def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask=None, block_q=None, block_k=None,
+                             num_threads=None):
+    """dO, Q, O (B, Hq, T, d), K, V (B, Hkv, S, d), L (B, Hq, T) -> dQ, dK, dV with the shapes of Q, K, V."""
+    xp = get_array_module(dO, Q, K, V)
+    B, Hkv = K.shape[:2]
+    dtypes, dtype = (Q.dtype, K.dtype, V.dtype), _compute_dtype(Q.dtype)
+    tiling, n_threads = _plan(Q.shape, K.shape, is_causal, block_q, block_k, num_threads, xp)
+    mask = ScoreMask(tiling, key_mask, Hkv, dtype, xp)
+    dO = _to_rows(dO, Hkv, dtype)  # (N, T*G, d)
+    D = (dO * _to_rows(O, Hkv, dtype)).sum(axis=-1)  # (N, T*G): rowsum(dO * O) = rowsum(P * dP)
+    L = _to_rows(L[..., None], Hkv, dtype)[..., 0] * dtype.type(LOG2_E)  # (N, T*G), in base 2 like S
+    Q = _to_rows(Q, Hkv, dtype)  # unscaled: a view of the input when G == 1, so no copy
+    K, V = _to_kv(K, dtype), _to_kv(V, dtype)  # (N, S, d)
+    # Every column tile meets every row tile: scale and transpose the row tiles once, not once per meeting.
+    row_tiles = [tiling.rows(i) for i in range(tiling.n_row_tiles)]
+    Q_T = [_transposed(Q[:, rows], scale * LOG2_E, xp) for rows in row_tiles]  # (N, d, Br) each
+    dO_T = [_transposed(dO[:, rows], 1, xp) for rows in row_tiles]
+    dK = xp.empty_like(K)
+    dV = xp.empty_like(V)
+
+    def backward_col_tiles(col_tiles):
+        scratch = {}
+        dQ = xp.zeros_like(Q)  # this group's share of dQ
+        for j in col_tiles:
+            cols = tiling.cols(j)
+            K_j, V_j = K[:, cols], V[:, cols]
+            dK_j = xp.zeros_like(K_j)
+            dV_j = xp.zeros_like(V_j)
+            for i in tiling.visible_rows(j):
+                rows = tiling.rows(i)
+                S_ji = _product(scratch, "S", K_j, Q_T[i], xp)  # (Bc, N, Br)
+                mask(S_ji, i, j)
+                P_ji = xp.exp2(xp.subtract(S_ji, L[:, rows], out=S_ji), out=S_ji)
+                dV_j += P_ji.transpose(1, 0, 2) @ dO[:, rows]  # (N, Bc, Br) @ (N, Br, d)
+                dP_ji = _product(scratch, "dP", V_j, dO_T[i], xp)
+                dS_ji = xp.multiply(xp.subtract(dP_ji, D[:, rows], out=dP_ji), P_ji, out=dP_ji)
+                dQ[:, rows] += dS_ji.transpose(1, 2, 0) @ K_j  # (N, Br, Bc) @ (N, Bc, d)
+                dK_j += dS_ji.transpose(1, 0, 2) @ Q[:, rows]  # (N, Bc, Br) @ (N, Br, d)
+            dK[:, cols] = dK_j
+            dV[:, cols] = dV_j
+        return dQ
+
+    # One group of column tiles per thread, interleaved so causal work balances; each group adds into its own
+    # share of dQ (memory: one dQ per thread), and the shares are summed in a fixed order, so dQ is reproducible.
+    col_groups = [list(range(tiling.n_col_tiles))[g::n_threads] for g in range(n_threads)]
+    dQ_shares = _run_groups(backward_col_tiles, [group for group in col_groups if group], n_threads)
+    dQ = dQ_shares[0]
+    for share in dQ_shares[1:]:
+        dQ += share
+    dQ *= dtype.type(scale)
+    dK *= dtype.type(scale)
+    dQ = _from_rows(dQ, B, tiling.G)
+    dK, dV = dK.reshape(B, Hkv, *dK.shape[1:]), dV.reshape(B, Hkv, *dV.shape[1:])
+    return tuple(grad.astype(grad_dtype, copy=False) for grad, grad_dtype in zip((dQ, dK, dV), dtypes))
+
+
+def _transposed(X, factor, xp):
+    """factor * X, (N, r, d) -> contiguous (N, d, r): the layout a matmul's right operand is fastest in."""
+    out = xp.empty((X.shape[0], X.shape[2], X.shape[1]), X.dtype)
+    return xp.multiply(X.transpose(0, 2, 1), X.dtype.type(factor), out=out)
+
+
+def _product(scratch: dict, name: str, A, B, xp):
+    """A (N, a, k) @ B (N, k, b) into a reused buffer laid out (a, N, b), returned in that layout."""
+    shape = (A.shape[1], A.shape[0], B.shape[2])
+    out = scratch.get((name, shape))
+    if out is None:
+        out = scratch[name, shape] = xp.empty(shape, A.dtype)
+    xp.matmul(A, B, out=out.transpose(1, 0, 2))
+    return out
+
+
+# --- masks --------------------------------------------------------------------------------------------------------
+
+
+class ScoreMask:
+    """Adds -inf to the scores of keys a query may not see: future keys (causal) and padding keys (key_mask).
+
+    Both are additive biases laid out like the score tiles (Bc, N, Br), so masking is one broadcast add.
+    """
+
+    def __init__(self, tiling: Tiling, key_mask, Hkv: int, dtype, xp):
+        self.tiling, self.dtype, self.xp = tiling, dtype, xp
+        self.key_bias = None  # (S, B*Hkv or 1, 1)
+        if key_mask is not None:
+            key_bias = xp.where(key_mask.T, dtype.type(0), dtype.type(-xp.inf))[:, :, None]
+            self.key_bias = xp.repeat(key_bias, Hkv, axis=1) if key_bias.shape[1] > 1 else key_bias
+        self.causal_biases = {}  # tiles at the same place relative to the diagonal share one bias
+
+    def __call__(self, S_ji, i: int, j: int) -> None:
+        if self.tiling.crosses_diagonal(i, j):
+            S_ji += self.causal_bias(i, j)
+        if self.key_bias is not None:
+            S_ji += self.key_bias[self.tiling.cols(j)]
+
+    def causal_bias(self, i: int, j: int):
+        """(Bc, 1, Br * G): -inf where the key is in the query's future, else 0."""
+        (t0, t1), cols = self.tiling.positions(i), self.tiling.cols(j)
+        key = (t0 + self.tiling.offset - cols.start, t1 - t0, cols.stop - cols.start)
+        bias = self.causal_biases.get(key)
+        if bias is None:
+            future = self.tiling.future_keys(i, j, self.xp)[:, None, :]
+            bias = self.causal_biases[key] = self.xp.where(future, self.dtype.type(-self.xp.inf), self.dtype.type(0))
+        return bias
+
+
+# --- layouts: (B, Hq, T, D) <-> tile rows (B*Hkv, T*G, D) ---------------------------------------------------------
+
+
+def _to_rows(X, Hkv: int, dtype):
+    """(B, Hq, T, D) -> (B*Hkv, T*G, D): the G query heads of a K/V head become rows, ordered (position, head)."""
+    B, Hq, T, D = X.shape
+    G = Hq // Hkv
+    X = X.reshape(B, Hkv, G, T, D).transpose(0, 1, 3, 2, 4)  # a view; free when G == 1
+    return X.reshape(B * Hkv, T * G, D).astype(dtype, copy=False)
+
+
+def _from_rows(X, B: int, G: int):
+    """(B*Hkv, T*G, D) -> (B, Hq, T, D), the inverse of _to_rows."""
+    N, TG, D = X.shape
+    T = TG // G
+    return X.reshape(B, N // B, T, G, D).transpose(0, 1, 3, 2, 4).reshape(B, N // B * G, T, D)
+
+
+def _to_kv(X, dtype):
+    """(B, Hkv, S, D) -> (B*Hkv, S, D)."""
+    B, H, S, D = X.shape
+    return X.reshape(B * H, S, D).astype(dtype, copy=False)
+
+
+def _compute_dtype(dtype):
+    """float32 at least: half precision is computed in float32 and cast back."""
+    return np.dtype(np.result_type(dtype, np.float32))
+
+
+# --- scheduling ---------------------------------------------------------------------------------------------------
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _plan(q_shape, k_shape, is_causal, block_q, block_k, num_threads, xp):
+    """The tiling and the number of worker threads for one call."""
+    B, Hq, T, d = q_shape
+    _, Hkv, S, _ = k_shape
+    if is_causal and T > S:
+        raise ValueError(f"causal attention needs T <= S (bottom-right alignment), got T={T}, S={S}")
+    G = Hq // Hkv
+    Br, Bc = default_tile_sizes(G, d)
+    tiling = Tiling(T, S, G, block_q or Br, block_k or Bc, is_causal)
+    if num_threads is None:
+        # Threads help the CPU only: on a GPU each tile's kernels already fill the device.
+        small = B * Hq * T * S < MIN_SCORES_FOR_THREADS
+        num_threads = 1 if xp is not np or small else NUM_THREADS or _cpu_count()
+    return tiling, max(1, num_threads)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_groups(work, groups: list, n_threads: int) -> list:
+    """[work(group) for group in groups], the groups taken by n_threads threads as each one frees up.
+
+    Taking work as threads free up keeps both cores busy when another process shares one. Each group's result
+    depends only on the group, so results do not depend on which thread ran what.
+    """
+    if n_threads == 1 or len(groups) == 1:
+        return [work(group) for group in groups]
+    if n_threads not in _pools:
+        _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="tinytf-flash")
+    return list(_pools[n_threads].map(work, groups))
+
+
+# --- the differentiable op ----------------------------------------------------------------------------------------
+
+
+class FlashAttention(Function):
+    """The flash backend as one autograd node: forward saves Q, K, V, O and L; backward recomputes P from them."""
+
+    def forward(self, q, k, v, scale: float, is_causal: bool = False, key_mask=None, block_q=None, block_k=None,
+                num_threads=None):
+        """q (B, Hq, T, d), k, v (B, Hkv, S, d) -> O (B, Hq, T, d)."""
+        self.options = dict(scale=scale, is_causal=is_causal, key_mask=key_mask, block_q=block_q, block_k=block_k,
+                            num_threads=num_threads)
+        O, L = flash_attention_forward(q, k, v, **self.options)
+        self.save_for_backward(q, k, v, O, L)
+        return O
+
+    def backward(self, dO):
+        """dO (B, Hq, T, d) -> dq, dk, dv."""
+        q, k, v, O, L = self.saved_tensors
+        grads = flash_attention_backward(dO, q, k, v, O, L, **self.options)
+        return tuple(grad if needed else None for grad, needed in zip(grads, self.needs_input_grad))

@@ -1,0 +1,54 @@
+"""Attention the plain way: build every score, softmax each row, mix the values. The reference for all backends.
+
+    O = softmax(Q K^T * scale + mask) V        scores (B, Hq, T, S) materialized, softmax in float32 at least
+
+Composed of tinytf's differentiable ops, so its backward is autograd's and needs no code here. It costs
+O(B * Hq * T * S) memory for the scores and the softmax kept for backward; the flash backend avoids that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..tensor import Tensor
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False,
+                    scale: float | None = None) -> Tensor:
+    """q (B, Hq, T, D), k, v (B, Hkv, S, D) -> (B, Hq, T, D).
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, T, S); a float Tensor mask is
+    differentiated too. is_causal aligns the mask bottom-right: query t sees keys s <= t + S - T.
+    Rows that see no key give zeros (and zero gradients), not NaN.
+    """
+    from .. import functional as F  # functional imports this package: resolve at call time
+
+    xp = get_array_module(q.data)
+    B, Hq, T, D = q.shape
+    _, Hkv, S, _ = k.shape
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    out_dtype = q.dtype
+    compute = np.result_type(q.dtype, np.float32)
+    q, k, v = (F.cast(x, compute) for x in (q, k, v))
+    if Hq != Hkv:  # grouped-query attention: each K/V head serves G consecutive query heads
+        G = Hq // Hkv
+        k = k.unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hq, S, D)
+        v = v.unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hq, S, D)
+
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, T, S)
+    keep = None
+    if is_causal:
+        keep = xp.arange(S)[None, :] <= xp.arange(T)[:, None] + (S - T)
+    if attn_mask is not None:
+        mask_data = attn_mask.data if isinstance(attn_mask, Tensor) else xp.asarray(attn_mask)
+        if mask_data.dtype == bool:
+            keep = mask_data if keep is None else xp.logical_and(keep, mask_data)
+        else:
+            additive = attn_mask if isinstance(attn_mask, Tensor) else Tensor(mask_data)
+            scores = scores + F.cast(additive, compute)
+    if keep is not None:
+        scores = scores.masked_fill(xp.logical_not(keep), -np.inf)
+    # Softmax of a row of only -inf is all zeros in tinytf (no NaN), so rows without a key give O = 0.
+    weights = scores.softmax(dim=-1)
+    return F.cast(weights @ v, out_dtype)
