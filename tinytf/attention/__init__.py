@@ -41,7 +41,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
     backend: "auto", "naive", "flash" or "cuda" (see the module docstring).
     """
     if attn_mask is not None and not isinstance(attn_mask, Tensor) and not hasattr(attn_mask, "shape"):
-        attn_mask = np.asarray(attn_mask)  # nested lists
+        attn_mask = get_array_module(q.data).asarray(attn_mask)  # nested lists, onto q's device
     _check_inputs(q, k, v, attn_mask, is_causal, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "auto":
