@@ -173,3 +173,17 @@ def test_flash_memory_grows_linearly_with_length():
     small, large = peak(2048), peak(4096)
     assert large < 2.5 * small
     assert large < 0.05 * 4096 * 4096 * 4  # under 5% of one float32 score matrix
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_that_grow_along_the_keys_move_m_and_rescale(dtype):
+    """Later key tiles score far above the first (by up to ~200 in log2 units), so the forward must re-do tiles with
+    the paper's update instead of keeping the m it took from the first keys."""
+    rng = np.random.default_rng(12)
+    B, H, T, d = 1, 2, 40, 8
+    q = rng.standard_normal((B, H, T, d)) + 4.0
+    k = rng.standard_normal((B, H, T, d)) + np.linspace(0, 12, T)[:, None]  # scores grow with the key position
+    v, dO = rng.standard_normal((B, H, T, d)), rng.standard_normal((B, H, T, d))
+    q, k, v, dO = (x.astype(dtype) for x in (q, k, v, dO))
+    O, _, grads = run_flash(q, k, v, dO, None, False, 8, 8)
+    assert_as_accurate_as_naive((O, *grads), q, k, v, dO)

@@ -32,12 +32,19 @@ for the rows of a tile (Br positions times G heads, see below):
   dV_j sum over the group by themselves. Repeated K/V is never built.
 - Causal, aligned bottom-right: query t sees keys s <= t + S - T. Tiles entirely above that diagonal are skipped,
   tiles entirely below it are not masked, and only tiles that cross it get a -inf bias (as does a key-padding mask).
-- Score tiles are stored key-major, S_ji = S_ij^T laid out (Bc, N, Br): the row max and row sum then reduce over
-  the outermost axis and m, L, D broadcast over it, which NumPy runs over long contiguous stretches (about 3x faster
-  than reducing along the last axis). O_i accumulates the same way, (d, N, Br).
+- Matmuls do the row-wise arithmetic: with a column of ones appended to K and V, [K_j, 1] @ [Q_i^T; -m] = S_ij^T - m
+  (forward; L_i in place of m in backward), [V_j, 1] @ [dO_i^T; -D_i] = dP_ij^T - D_i, and P_ij @ [V_j, 1] =
+  [P_ij V_j, rowsum(P_ij)]. Each of those saves a pass over the tile, and passes are what NumPy is slow at.
+- One change to Algorithm 1's bookkeeping (FlashAttention-4 makes the same one): m does not have to be the running
+  max, only a value no score is far above. So m is set from a row's first keys, and a tile is re-done with the
+  paper's update (m_new = max(m, rowmax S_ij), rescale O_i and l) only when some row's sum of exp2(S - m) passes
+  2**64, or a row is still waiting for its first visible key. Usually that is the first tile of each row tile only,
+  so the other tiles need no max, no rescaling and no separate row sum.
+- Score tiles are stored key-major, S_ji = S_ij^T laid out (Bc, N, Br): the row max (on the rare re-done tiles)
+  reduces over the outermost axis, and m, L, D broadcast over it, over long contiguous stretches.
 - exp2 instead of exp (cheaper in NumPy, as on GPUs): log2(e) is folded into the scale that Q is multiplied by once,
-  so S, m and L live in base 2 inside; L is returned in natural log. dK inherits the scale from the scaled Q.
-- Rows with no visible key: m stays -inf and l stays 0; they get O = 0 and L = +inf, so P = 0 in backward.
+  so S, m and L live in base 2 inside; L is returned in natural log.
+- Rows with no visible key: l stays 0; they get O = 0 and L = +inf, so P = 0 in backward.
 - Work partitioning as in FA2: the forward hands row tiles to worker threads, the backward groups of column tiles
   (each group then owns its dK_j, dV_j and keeps its own share of dQ). NumPy drops the GIL inside matmul and ufuncs,
   and each tile's matmul is small enough that BLAS runs it on the calling thread, so the workers use all cores.
@@ -61,17 +68,19 @@ LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
 # tile-sized matrices that split costs more than it gains, and it fights the worker threads below for the cores. So
 # tiles stay at or under that size: Br * G rows x Bc keys x d.
 BLAS_SINGLE_THREAD_MACS = 1_000_000
-TILE_ROWS = 64  # query rows per tile (Br * G); measured with Bc at 64 to 192 (bench/attention.py --tiles)
+TILE_ROWS = 64  # query rows per tile (Br * G); `bench/attention.py --tiles` measured 64 rows x 192 keys best at d = 64
 # Below this many scores per call (B * Hq * T * S) the worker threads cost more than they save.
 MIN_SCORES_FOR_THREADS = 1 << 18
 NUM_THREADS = None  # worker threads on the CPU; None = one per core the process may use
+# The forward moves a row's m only when a tile's row sum of exp2(S - m) passes this (or the row had no key yet).
+MAX_TILE_ROW_SUM = 2.0**64
 
 
 def default_tile_sizes(G: int, d: int) -> tuple[int, int]:
-    """(Br, Bc): 64 query rows (Br positions of G heads each) and the most keys, of 256, 128, 64, 32 or 16, that
-    keep every tile matmul (rows x Bc x d multiply-adds) on the calling thread."""
-    Bc = next((Bc for Bc in (256, 128, 64, 32) if TILE_ROWS * Bc * d <= BLAS_SINGLE_THREAD_MACS), 16)
-    return max(1, TILE_ROWS // G), Bc
+    """(Br, Bc): 64 query rows (Br positions of G heads each) and the most keys that keep every tile matmul
+    (64 rows x Bc keys x (d + 1) multiply-adds, with the column of ones) on the calling thread."""
+    fits = (Bc for Bc in (256, 192, 128, 96, 64, 32) if TILE_ROWS * Bc * (d + 1) <= BLAS_SINGLE_THREAD_MACS)
+    return max(1, TILE_ROWS // G), next(fits, 16)
 
 
 class Tiling:
@@ -130,39 +139,50 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
     mask = ScoreMask(tiling, key_mask, K.shape[1], dtype, xp)
     Q = _to_rows(Q, K.shape[1], dtype)  # (N, T*G, d), N = B*Hkv; a view of the input when G == 1
     K, V = _to_kv(K, dtype), _to_kv(V, dtype)  # (N, S, d)
-    N = Q.shape[0]
+    N, _, d = Q.shape
     O = xp.empty_like(Q)
     L = xp.empty((N, Q.shape[1]), dtype)
+    K1, V1 = _with_ones(K, xp), _with_ones(V, xp)  # (N, S, d + 1): the matmuls subtract m and sum rows (header)
 
     def forward_row_tiles(row_tiles):
         scratch = {}
         for i in row_tiles:
             rows = tiling.rows(i)
-            Q_i_T = _transposed(Q[:, rows], scale * LOG2_E, xp)  # (N, d, Br)
-            m = xp.full((N, Q_i_T.shape[2]), -xp.inf, dtype)  # (N, Br)
-            l = xp.zeros_like(m)
-            O_i = xp.zeros((Q.shape[2], N, Q_i_T.shape[2]), dtype)  # (d, N, Br), laid out like S_ji
+            Q_m = _stacked_transposed(Q[:, rows], scale * LOG2_E, 0, xp)  # [Q_i^T * scale; -m], (N, d + 1, Br)
+            m = xp.zeros((N, Q_m.shape[2]), dtype)  # (N, Br)
+            O_l = xp.zeros((N, Q_m.shape[2], d + 1), dtype)  # [O_i, l]
+            every_row_has_keys = False  # until then, m is a placeholder and tiles take the paper's update
             for j in tiling.visible_cols(i):
                 cols = tiling.cols(j)
-                S_ji = _product(scratch, "S", K[:, cols], Q_i_T, xp)  # (Bc, N, Br)
+                S_ji = _product(scratch, "S", K1[:, cols], Q_m, xp)  # S_ij^T - m, (Bc, N, Br)
                 mask(S_ji, i, j)
-                m_new = xp.maximum(m, S_ji.max(axis=0))
-                # A row that has seen no visible key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-                # Only a key mask can do that: otherwise every row sees key 0 in its first tile, j = 0.
-                m_shift = m_new if mask.key_bias is None else xp.where(m_new == -xp.inf, dtype.type(0), m_new)
-                P_ji = xp.exp2(xp.subtract(S_ji, m_shift, out=S_ji), out=S_ji)
-                alpha = xp.exp2(m - m_shift)
-                l = alpha * l + P_ji.sum(axis=0)
-                O_i *= alpha
-                O_i += _product(scratch, "PV", V[:, cols].transpose(0, 2, 1), P_ji.transpose(1, 0, 2), xp)
-                m = m_new
+                P_ji = _scratch(scratch, "P", S_ji.shape, dtype, xp)
+                if every_row_has_keys:  # try the m the rows have; an overflow fails the test
+                    PV_l = xp.exp2(S_ji, out=P_ji).transpose(1, 2, 0) @ V1[:, cols]  # [P_ij V_j, rowsum(P_ij)]
+                if not every_row_has_keys or not PV_l[..., d].max() <= MAX_TILE_ROW_SUM:
+                    # A row sees its first keys, or scores far above its m: Algorithm 1's update, m_new = the max.
+                    step = S_ji.max(axis=0)  # m_new - m where it grows; -inf where the row sees no key here
+                    step = xp.where((step > 0) | (O_l[..., d] == 0), step, dtype.type(0))
+                    step = xp.where(xp.isfinite(step), step, dtype.type(0))  # rows without keys keep m
+                    m += step
+                    Q_m[:, d] = -m
+                    xp.exp2(xp.subtract(S_ji, step, out=S_ji), out=P_ji)
+                    O_l *= xp.exp2(-xp.maximum(step, 0))[..., None]  # rescale O_i, l (rows with l = 0 may step down)
+                    PV_l = P_ji.transpose(1, 2, 0) @ V1[:, cols]
+                    every_row_has_keys = bool(xp.all((O_l[..., d] + PV_l[..., d]) > 0))
+                O_l += PV_l
+            l = O_l[..., d]
             seen = l > 0  # False for rows that see no key at all: O = 0 and L = +inf, so backward gives 0
             l = xp.where(seen, l, dtype.type(1))
-            O[:, rows] = (O_i / l).transpose(1, 2, 0)
+            O[:, rows] = O_l[..., :d] / l[..., None]
             L[:, rows] = xp.where(seen, (m + xp.log2(l)) * dtype.type(LN_2), xp.inf)
 
+    def forward_row_tiles_quietly(row_tiles):
+        with np.errstate(over="ignore", invalid="ignore"):  # exp2 may overflow on a tried m: the test catches it
+            forward_row_tiles(row_tiles)
+
     # One row tile per task; under a causal mask the bottom row tiles see the most keys: hand them out first.
-    _run_groups(forward_row_tiles, [[i] for i in reversed(range(tiling.n_row_tiles))], n_threads)
+    _run_groups(forward_row_tiles_quietly, [[i] for i in reversed(range(tiling.n_row_tiles))], n_threads)
     O = _from_rows(O, B, tiling.G).astype(out_dtype, copy=False)
     L = _from_rows(L[..., None], B, tiling.G)[..., 0]
     return O, L
@@ -181,10 +201,11 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     L = _to_rows(L[..., None], Hkv, dtype)[..., 0] * dtype.type(LOG2_E)  # (N, T*G), in base 2 like S
     Q = _to_rows(Q, Hkv, dtype)  # unscaled: a view of the input when G == 1, so no copy
     K, V = _to_kv(K, dtype), _to_kv(V, dtype)  # (N, S, d)
-    # Every column tile meets every row tile: scale and transpose the row tiles once, not once per meeting.
+    K1, V1 = _with_ones(K, xp), _with_ones(V, xp)  # (N, S, d + 1): the matmuls subtract L_i and D_i (header)
+    # Every column tile meets every row tile: build their right operands once, not once per meeting.
     row_tiles = [tiling.rows(i) for i in range(tiling.n_row_tiles)]
-    Q_T = [_transposed(Q[:, rows], scale * LOG2_E, xp) for rows in row_tiles]  # (N, d, Br) each
-    dO_T = [_transposed(dO[:, rows], 1, xp) for rows in row_tiles]
+    Q_L = [_stacked_transposed(Q[:, rows], scale * LOG2_E, -L[:, rows], xp) for rows in row_tiles]  # (N, d + 1, Br)
+    dO_D = [_stacked_transposed(dO[:, rows], 1, -D[:, rows], xp) for rows in row_tiles]
     dK = xp.empty_like(K)
     dV = xp.empty_like(V)
 
@@ -198,12 +219,12 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
             dV_j = xp.zeros_like(V_j)
             for i in tiling.visible_rows(j):
                 rows = tiling.rows(i)
-                S_ji = _product(scratch, "S", K_j, Q_T[i], xp)  # (Bc, N, Br)
+                S_ji = _product(scratch, "S", K1[:, cols], Q_L[i], xp)  # S_ij^T - L_i, (Bc, N, Br)
                 mask(S_ji, i, j)
-                P_ji = xp.exp2(xp.subtract(S_ji, L[:, rows], out=S_ji), out=S_ji)
+                P_ji = xp.exp2(S_ji, out=S_ji)
                 dV_j += P_ji.transpose(1, 0, 2) @ dO[:, rows]  # (N, Bc, Br) @ (N, Br, d)
-                dP_ji = _product(scratch, "dP", V_j, dO_T[i], xp)
-                dS_ji = xp.multiply(xp.subtract(dP_ji, D[:, rows], out=dP_ji), P_ji, out=dP_ji)
+                dP_ji = _product(scratch, "dP", V1[:, cols], dO_D[i], xp)  # dP_ij^T - D_i
+                dS_ji = xp.multiply(dP_ji, P_ji, out=dP_ji)
                 dQ[:, rows] += dS_ji.transpose(1, 2, 0) @ K_j  # (N, Br, Bc) @ (N, Bc, d)
                 dK_j += dS_ji.transpose(1, 0, 2) @ Q[:, rows]  # (N, Bc, Br) @ (N, Br, d)
             dK[:, cols] = dK_j
@@ -224,18 +245,33 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     return tuple(grad.astype(grad_dtype, copy=False) for grad, grad_dtype in zip((dQ, dK, dV), dtypes))
 
 
-def _transposed(X, factor, xp):
-    """factor * X, (N, r, d) -> contiguous (N, d, r): the layout a matmul's right operand is fastest in."""
-    out = xp.empty((X.shape[0], X.shape[2], X.shape[1]), X.dtype)
-    return xp.multiply(X.transpose(0, 2, 1), X.dtype.type(factor), out=out)
+def _with_ones(X, xp):
+    """(N, S, d) -> (N, S, d + 1): X with a last column of ones."""
+    X1 = xp.empty((*X.shape[:2], X.shape[2] + 1), X.dtype)
+    X1[..., :-1] = X
+    X1[..., -1] = 1
+    return X1
+
+
+def _scratch(scratch: dict, name: str, shape, dtype, xp):
+    """A buffer reused across tiles of one shape (tiles at the sequence's end are smaller)."""
+    buffer = scratch.get((name, shape))
+    if buffer is None:
+        buffer = scratch[name, shape] = xp.empty(shape, dtype)
+    return buffer
+
+
+def _stacked_transposed(X, factor, row, xp):
+    """[factor * X^T; row]: X (N, r, d), row (N, r) -> contiguous (N, d + 1, r), as a matmul's right operand."""
+    out = xp.empty((X.shape[0], X.shape[2] + 1, X.shape[1]), X.dtype)
+    xp.multiply(X.transpose(0, 2, 1), X.dtype.type(factor), out=out[:, :-1])
+    out[:, -1] = row
+    return out
 
 
 def _product(scratch: dict, name: str, A, B, xp):
     """A (N, a, k) @ B (N, k, b) into a reused buffer laid out (a, N, b), returned in that layout."""
-    shape = (A.shape[1], A.shape[0], B.shape[2])
-    out = scratch.get((name, shape))
-    if out is None:
-        out = scratch[name, shape] = xp.empty(shape, A.dtype)
+    out = _scratch(scratch, name, (A.shape[1], A.shape[0], B.shape[2]), A.dtype, xp)
     xp.matmul(A, B, out=out.transpose(1, 0, 2))
     return out
 
