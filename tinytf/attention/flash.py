@@ -199,6 +199,8 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     dO = _to_rows(dO, Hkv, dtype)  # (N, T*G, d)
     D = (dO * _to_rows(O, Hkv, dtype)).sum(axis=-1)  # (N, T*G): rowsum(dO * O) = rowsum(P * dP)
     L = _to_rows(L[..., None], Hkv, dtype)[..., 0] * dtype.type(LOG2_E)  # (N, T*G), in base 2 like S
+    # Rows without keys have L = +inf; a huge finite L gives them the same P = 0 without feeding inf to BLAS.
+    L = xp.minimum(L, dtype.type(np.finfo(dtype).max / 4))
     Q = _to_rows(Q, Hkv, dtype)  # unscaled: a view of the input when G == 1, so no copy
     K, V = _to_kv(K, dtype), _to_kv(V, dtype)  # (N, S, d)
     K1, V1 = _with_ones(K, xp), _with_ones(V, xp)  # (N, S, d + 1): the matmuls subtract L_i and D_i (header)
@@ -238,7 +240,7 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     dQ = dQ_shares[0]
     for share in dQ_shares[1:]:
         dQ += share
-    dQ *= dtype.type(scale)
+    dQ *= dtype.type(scale)  # dS is the gradient for S = Q K^T * scale: dQ = dS K * scale, dK = dS^T Q * scale
     dK *= dtype.type(scale)
     dQ = _from_rows(dQ, B, tiling.G)
     dK, dV = dK.reshape(B, Hkv, *dK.shape[1:]), dV.reshape(B, Hkv, *dV.shape[1:])
