@@ -20,8 +20,8 @@ from .naive import naive_attention
 BACKENDS = ("auto", "naive", "flash", "cuda")
 
 # "auto" takes flash on the CPU once a head's score matrix has this many entries (T * S). Measured with
-# `python bench/attention.py --auto` (B=1, H=8, d=64, forward + backward, causal and not): naive wins at T = 64
-# (1.2x), flash from T = 96 on. Above ~10**6 multiply-adds per matmul OpenBLAS splits naive's matmuls across its
+# `python bench/attention.py --auto` (B=1, H=8, d=64, forward + backward, causal and not; a 2-core machine shared
+# with other work): naive wins at T <= 64 (by 1.2x), flash from T = 96 on. Above ~10**6 multiply-adds per matmul OpenBLAS splits naive's matmuls across its
 # threads, which is fast on an idle machine but 10-100x slower when another process holds a core; flash keeps each
 # tile's matmul on one thread and does not have that cliff.
 AUTO_FLASH_MIN_SCORES = 128 * 128

@@ -233,10 +233,11 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
             dV[:, cols] = dV_j
         return dQ
 
-    # One group of column tiles per thread, interleaved so causal work balances; each group adds into its own
-    # share of dQ (memory: one dQ per thread), and the shares are summed in a fixed order, so dQ is reproducible.
-    col_groups = [list(range(tiling.n_col_tiles))[g::n_threads] for g in range(n_threads)]
-    dQ_shares = _run_groups(backward_col_tiles, [group for group in col_groups if group], n_threads)
+    # One group of column tiles per thread, balanced by their number of row tiles (a causal mask makes the first
+    # columns the busiest); each group adds into its own share of dQ (memory: one dQ per thread), and the shares
+    # are summed in a fixed order, so dQ is reproducible.
+    col_groups = _balanced_groups({j: len(tiling.visible_rows(j)) for j in range(tiling.n_col_tiles)}, n_threads)
+    dQ_shares = _run_groups(backward_col_tiles, col_groups, n_threads)
     dQ = dQ_shares[0]
     for share in dQ_shares[1:]:
         dQ += share
@@ -367,6 +368,18 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _balanced_groups(work: dict, n_groups: int) -> list[list]:
+    """Split the keys of `work` into at most n_groups lists of nearly equal total work: the biggest item goes to
+    the least loaded group (the longest-processing-time rule)."""
+    groups = [[] for _ in range(n_groups)]
+    loads = [0] * n_groups
+    for item in sorted(work, key=lambda item: -work[item]):
+        g = loads.index(min(loads))
+        groups[g].append(item)
+        loads[g] += work[item]
+    return [group for group in groups if group]
 
 
 def _run_groups(work, groups: list, n_threads: int) -> list:
