@@ -1,6 +1,6 @@
 """tinytf against PyTorch on the CPU, back to back, in one command; prints one markdown table of ratios.
 
-    python bench/suite.py                          every section (about 25 minutes on 2 busy cores)
+    python bench/suite.py                          every section (about an hour on 2 busy cores)
     python bench/suite.py --quick                  fewer repetitions, smaller sizes, no 2,000-step run (~5 minutes)
     python bench/suite.py --only step,generate     some sections: step, train, attention, generate, autograd
     python bench/suite.py --threads 1              BLAS threads of both (default: what NumPy's BLAS uses)
@@ -43,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -59,7 +59,7 @@ CONFIGS = {
     "GPU": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64),
 }
 VOCAB_SIZE = 65  # tinyshakespeare's characters
-LR = dict(lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=2000)  # the CPU config's schedule
+SCHEDULE = dict(lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=2000)  # the CPU config's; each side its own lr_at
 GENERATION_BLOCK = 1024
 
 
@@ -96,15 +96,6 @@ def random_batches(config: dict, count: int = 8, seed: int = 0) -> list:
     return [(np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])) for w in windows]
 
 
-def lr_at(iteration: int) -> float:
-    import math
-
-    if iteration < LR["warmup_iters"]:
-        return LR["lr"] * (iteration + 1) / (LR["warmup_iters"] + 1)
-    progress = min(1.0, (iteration - LR["warmup_iters"]) / (LR["decay_iters"] - LR["warmup_iters"]))
-    return LR["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (LR["lr"] - LR["min_lr"])
-
-
 class Stopwatch:
     """Wall time and this process's CPU time (all its threads) of a block: `with Stopwatch() as watch: ...`, then
     `watch.sample` is (wall seconds, CPU seconds). With one thread and a busy machine, CPU time is the steadier
@@ -118,31 +109,27 @@ class Stopwatch:
         self.sample = (time.perf_counter() - self._wall, time.process_time() - self._cpu)
 
 
-def current_rss() -> int | None:
+def memory_status(field: str) -> int | None:
+    """A size from /proc/self/status in bytes: "VmRSS" (resident now) or "VmHWM" (its high-water mark); None off
+    Linux."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        return None
+        pass
     return None
 
 
-def peak_rss_since_reset(reset: bool = False) -> int | None:
-    """Linux's high-water mark of resident memory (VmHWM); reset=True restarts it (writing 5 to clear_refs)."""
+def reset_peak_rss() -> bool:
+    """Restart VmHWM from the current resident size (Linux 4.0+: write 5 to clear_refs); False if not possible."""
     try:
-        if reset:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")
-            return None
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
     except OSError:
-        return None
-    return None
+        return False
 
 
 def unmap_large_blocks() -> None:
@@ -169,15 +156,11 @@ def measure_peak_extra(run, release, warmups: int = 2) -> int | None:
         run()
         release()
     gc.collect()
-    base = current_rss()
-    if base is None:
-        return None
-    try:
-        peak_rss_since_reset(reset=True)
-    except OSError:
+    base = memory_status("VmRSS")
+    if base is None or not reset_peak_rss():
         return None
     run()
-    peak = peak_rss_since_reset()
+    peak = memory_status("VmHWM")
     return None if peak is None else max(0, peak - base)
 
 
@@ -197,9 +180,14 @@ class TinytfRunner:
             self._limits = threadpool_limits(threads, user_api="blas")  # kept for the worker's lifetime
         except ImportError:
             pass
+        from tinytf.attention import flash
+
+        flash.NUM_THREADS = threads  # the flash backend's own worker threads (default: one per core)
         self.states = {}
 
     def info(self) -> dict:
+        from tinytf.attention import flash
+
         info = {"numpy": self.np.__version__, "tinytf": self.tinytf.__version__}
         try:
             from threadpoolctl import threadpool_info
@@ -210,6 +198,7 @@ class TinytfRunner:
             info["threads"] = blas[0]["num_threads"] if blas else None
         except ImportError:
             info["blas"], info["threads"] = "unknown (pip install threadpoolctl to see it)", None
+        info["blas"] += f"; flash attention: {flash.NUM_THREADS} worker threads"
         return info
 
     def _model(self, preset: str, config: dict, block_size: int | None = None):
@@ -222,12 +211,12 @@ class TinytfRunner:
         return GPT(GPTConfig.from_preset(preset, vocab_size=VOCAB_SIZE, **shape))
 
     def train_steps(self, preset: str, config_name: str, steps: int, warmup: int) -> list[tuple]:
-        from tinytf.optim import AdamW, clip_grad_norm_, weight_decay_groups
+        from tinytf.optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
 
         key = (preset, config_name)
         if key not in self.states:
             model = self._model(preset, CONFIGS[config_name])
-            optimizer = AdamW(weight_decay_groups(model.parameters(), 0.1), lr=LR["lr"], betas=(0.9, 0.99))
+            optimizer = AdamW(weight_decay_groups(model.parameters(), 0.1), lr=SCHEDULE["lr"], betas=(0.9, 0.99))
             self.states[key] = dict(model=model, optimizer=optimizer, batches=random_batches(CONFIGS[config_name]),
                                     iteration=0)
         state = self.states[key]
@@ -238,7 +227,7 @@ class TinytfRunner:
             x, y = state["batches"][iteration % len(state["batches"])]
             with Stopwatch() as watch:
                 for group in optimizer.param_groups:  # tinytf.train's loop body
-                    group["lr"] = lr_at(iteration)
+                    group["lr"] = lr_at(iteration, **SCHEDULE)
                 _, loss = model(x, y)
                 loss.item()
                 optimizer.zero_grad()
@@ -336,7 +325,7 @@ class TorchRunner:
         key = (preset, config_name)
         if key not in self.states:
             model = self._model(preset, CONFIGS[config_name])
-            optimizer = self.reference.make_optimizer(model, LR["lr"], (0.9, 0.99), 0.1)
+            optimizer = self.reference.make_optimizer(model, SCHEDULE["lr"], (0.9, 0.99), 0.1)
             batches = [tuple(self.torch.from_numpy(a) for a in b) for b in random_batches(CONFIGS[config_name])]
             self.states[key] = dict(model=model, optimizer=optimizer, batches=batches, iteration=0)
         state = self.states[key]
@@ -345,7 +334,8 @@ class TorchRunner:
             iteration = state["iteration"]
             x, y = state["batches"][iteration % len(state["batches"])]
             with Stopwatch() as watch:
-                self.reference.train_step(state["model"], state["optimizer"], x, y, lr_at(iteration), 1.0)
+                lr = self.reference.lr_at(iteration, **SCHEDULE)
+                self.reference.train_step(state["model"], state["optimizer"], x, y, lr, 1.0)
             state["iteration"] += 1
             if index >= warmup:
                 samples.append(watch.sample)
@@ -788,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         info = workers.both("info")
-        for section in sections:  # in SECTIONS order would hide the user's order; keep theirs
+        for section in sections:  # in the order given
             if section == "step":
                 rows += section_step(workers, settings)
             elif section == "attention":
