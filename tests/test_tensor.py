@@ -69,6 +69,19 @@ def test_no_grad_as_context_and_decorator():
     assert not double(x).requires_grad and tinytf.is_grad_enabled()
 
 
+def test_no_grad_records_no_graph_and_keeps_no_inputs_alive():
+    x = tinytf.tensor(np.ones(3), requires_grad=True)
+    with tinytf.no_grad():
+        y = x * 2
+    recorded = x * 2
+    assert recorded.grad_fn.inputs[0] is x and recorded.grad_fn.needs_input_grad == (True, False)  # x and 2
+    reference = weakref.ref(x)
+    del x, recorded
+    gc.collect()
+    assert reference() is None  # y was made without a graph: nothing links it back to x
+    assert y.grad_fn is None and not y.requires_grad and y.is_leaf
+
+
 def test_graph_is_released_after_backward():
     x = tinytf.tensor(np.ones(1000), requires_grad=True)
     hidden = x.exp()

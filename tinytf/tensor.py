@@ -58,13 +58,12 @@ class Function:
     one gradient per Tensor input (a tuple for several; None where `needs_input_grad` is False).
     """
 
-    __slots__ = ("inputs", "saved_tensors", "needs_input_grad", "_released")
-
-    def __init__(self):
-        self.inputs: tuple[Tensor, ...] = ()
-        self.saved_tensors: tuple = ()
-        self.needs_input_grad: tuple[bool, ...] = ()
-        self._released = False
+    # Class-level defaults rather than an __init__: under no_grad (inference) a Function only runs forward and is
+    # dropped, and the graph fields below are set only when `apply` records it.
+    inputs: tuple[Tensor, ...] = ()
+    saved_tensors: tuple = ()
+    needs_input_grad: tuple[bool, ...] = ()
+    _released = False
 
     def save_for_backward(self, *arrays) -> None:
         self.saved_tensors = arrays
@@ -80,12 +79,12 @@ class Function:
         """Run forward on the inputs' arrays; record the graph when gradients are needed."""
         _check_same_device(cls.__name__, inputs)
         function = cls()
-        function.needs_input_grad = needs = tuple([tensor.requires_grad for tensor in inputs])
         output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
-        if _grad_enabled and True in needs:
-            output.requires_grad = True
-            output._creator = function
-            function.inputs = inputs
+        if _grad_enabled:
+            needs = tuple([tensor.requires_grad for tensor in inputs])
+            if True in needs:
+                function.needs_input_grad, function.inputs = needs, inputs
+                output.requires_grad, output._creator = True, function
         return output
 
     def release(self) -> None:

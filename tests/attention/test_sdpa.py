@@ -159,6 +159,25 @@ def test_auto_picks_flash_for_long_sequences_and_naive_otherwise():
                                reference_attention(q, k, v, is_causal=True), rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_a_single_causal_query_sees_every_key(backend):
+    q, k, v, _ = random_qkv(2, 4, 2, 1, 7, 8)
+    key_padding = np.array([[True] * 7, [True] * 5 + [False] * 2])[:, None, None, :]
+    for mask in (None, key_padding):
+        out = scaled_dot_product_attention(*tensors(q, k, v), attn_mask=mask, is_causal=True, backend=backend)
+        np.testing.assert_allclose(out.numpy(), reference_attention(q, k, v, attn_mask=mask), rtol=1e-12)
+
+
+def test_a_decoding_step_builds_no_causal_mask(monkeypatch):
+    import tinytf.attention as attention
+
+    seen = []
+    monkeypatch.setattr(attention, "naive_attention", lambda *args, is_causal, **kwargs: seen.append(is_causal))
+    for T in (1, 2):
+        scaled_dot_product_attention(*tensors(*random_qkv(1, 2, 2, T, 5, 4)[:3]), is_causal=True, backend="naive")
+    assert seen == [False, True]
+
+
 def test_functional_reexports_the_op():
     import tinytf.functional as F
 

@@ -96,3 +96,65 @@ def test_softmax_rejects_axis_out_of_range():
 def test_erf_has_double_precision():
     x = np.linspace(-8, 8, 4001)
     np.testing.assert_allclose(F.erf(x), _erf(x), rtol=0, atol=1e-14)  # a few float64 ulps of values near 1
+
+
+def _masked_softmax(x, keep, scale):
+    shifted = np.where(keep, x * scale, -np.inf)
+    row_max = np.max(shifted, axis=-1, keepdims=True)
+    e = np.exp(shifted - np.where(np.isfinite(row_max), row_max, 0))
+    total = e.sum(axis=-1, keepdims=True)
+    return e / np.where(total > 0, total, 1)
+
+
+@st.composite
+def scores_and_mask(draw):
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple))
+    mask_shape = tuple(draw(st.sampled_from([1, side])) for side in shape[draw(st.integers(0, len(shape) - 1)):])
+    return shape, mask_shape
+
+
+@given(shapes=scores_and_mask(), seed=seeds, scale=st.floats(0.05, 3.0))
+def test_masked_softmax_matches_numpy(shapes, seed, scale):
+    shape, mask_shape = shapes
+    keep = np.random.default_rng(seed).random(mask_shape) < 0.7  # some rows keep nothing: they must be zeros
+    check_op(lambda x: F.masked_softmax(x, keep, scale), lambda x: _masked_softmax(x, keep, scale),
+             random_array(seed, shape) * 3)
+
+
+def test_masked_softmax_without_mask_is_a_scaled_softmax():
+    x = tinytf.randn(3, 7)
+    np.testing.assert_allclose(F.masked_softmax(x, scale=0.5).numpy(), _softmax(x.numpy() * 0.5, -1), rtol=1e-6)
+
+
+def test_masked_softmax_rejects_bad_masks():
+    x = tinytf.randn(2, 3)
+    with pytest.raises(TypeError, match="boolean"):
+        F.masked_softmax(x, np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"\(4,\) does not broadcast"):
+        F.masked_softmax(x, np.ones(4, dtype=bool))
+
+
+@given(shape=small_shapes, seed=seeds)
+def test_swiglu_is_silu_of_gate_times_up(shape, seed):
+    check_op(F.swiglu, lambda gate, up: gate / (1 + np.exp(-gate)) * up,
+             random_array(seed, shape) * 2, random_array(seed + 1, shape) * 2)
+
+
+def test_swiglu_needs_equal_shapes():
+    with pytest.raises(ValueError, match=r"gate of shape \(2, 3\) and up of shape \(3,\)"):
+        F.swiglu(tinytf.randn(2, 3), tinytf.randn(3))
+
+
+@pytest.mark.parametrize("wanted", ["gate", "up"])
+def test_swiglu_computes_only_the_gradient_asked_for(wanted):
+    rng = np.random.default_rng(0)
+    gate, up = (tinytf.tensor(rng.standard_normal((3, 4)), requires_grad=name == wanted) for name in ("gate", "up"))
+    upstream = rng.standard_normal((3, 4))
+    F.swiglu(gate, up).backward(upstream)
+    composed = {name: tinytf.tensor(t.numpy(), requires_grad=True) for name, t in (("gate", gate), ("up", up))}
+    (F.silu(composed["gate"]) * composed["up"]).backward(upstream)
+    for name, tensor in (("gate", gate), ("up", up)):
+        if name == wanted:
+            np.testing.assert_allclose(tensor.grad, composed[name].grad, rtol=1e-12)
+        else:
+            assert tensor.grad is None

@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -6,6 +8,8 @@ from op_check import check_op, random_array
 
 import tinytf
 import tinytf.functional as F
+
+embedding_module = importlib.import_module("tinytf.functional.embedding")  # F.embedding is the function
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -38,3 +42,18 @@ def test_one_hot_matches_numpy():
     assert F.one_hot(tinytf.tensor([0, 3])).shape == (2, 4)
     with pytest.raises(IndexError, match=r"\[0, 3\)"):
         F.one_hot(tinytf.tensor([3]), 3)
+
+
+@pytest.mark.parametrize("max_rows, chunk", [(0, 1 << 22), (1 << 20, 1 << 22), (1 << 20, 7)],
+                         ids=["scatter-add", "one-hot", "one-hot in chunks"])
+def test_embedding_backward_sums_repeated_ids_either_way(monkeypatch, max_rows, chunk):
+    monkeypatch.setattr(embedding_module, "ONE_HOT_MAX_ROWS", max_rows)
+    monkeypatch.setattr(embedding_module, "ONE_HOT_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 9, size=(5, 11))
+    upstream = rng.standard_normal((5, 11, 4))
+    w = tinytf.tensor(rng.standard_normal((9, 4)), requires_grad=True)
+    F.embedding(ids, w).backward(upstream)
+    expected = np.zeros((9, 4))
+    np.add.at(expected, ids.reshape(-1), upstream.reshape(-1, 4))
+    np.testing.assert_allclose(w.grad, expected, rtol=1e-12, atol=1e-12)

@@ -63,3 +63,31 @@ def test_norm_errors_name_shapes():
         F.layer_norm(tinytf.randn(2, 3), 4)
     with pytest.raises(ValueError, match=r"parameter of shape \(5,\), expected \(3,\)"):
         F.rms_norm(tinytf.randn(2, 3), 3, tinytf.ones(5))
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_half_precision_norms_compute_in_float32_and_keep_the_dtype(norm):
+    x32 = tinytf.tensor(random_array(0, (4, 5, 16)) * 3 + 1, dtype=tinytf.float32)
+    w32 = tinytf.tensor(random_array(1, (16,)), dtype=tinytf.float32)
+    x16, w16 = (tinytf.tensor(t.numpy().astype(np.float16), requires_grad=True) for t in (x32, w32))
+    op = getattr(F, norm)
+    y16 = op(x16, 16, w16)
+    assert y16.dtype == np.float16
+    np.testing.assert_allclose(y16.numpy(), op(x32, 16, w32).numpy(), rtol=2e-3, atol=2e-3)
+    y16.sum().backward()
+    assert x16.grad.dtype == np.float16 and w16.grad.dtype == np.float16
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias"])
+def test_layer_norm_computes_only_the_gradients_asked_for(wanted):
+    tensors = {name: tinytf.tensor(random_array(i, shape), requires_grad=name == wanted)
+               for i, (name, shape) in enumerate([("x", (3, 4)), ("weight", (4,)), ("bias", (4,))])}
+    upstream = random_array(7, (3, 4))
+    F.layer_norm(tensors["x"], 4, tensors["weight"], tensors["bias"]).backward(upstream)
+    reference = {name: tinytf.tensor(t.numpy(), requires_grad=True) for name, t in tensors.items()}
+    F.layer_norm(reference["x"], 4, reference["weight"], reference["bias"]).backward(upstream)
+    for name, tensor in tensors.items():
+        if name == wanted:
+            np.testing.assert_allclose(tensor.grad, reference[name].grad, rtol=1e-12)
+        else:
+            assert tensor.grad is None

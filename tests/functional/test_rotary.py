@@ -22,6 +22,15 @@ def test_rotary_matches_rotate_half_reference(seed, T, half, theta):
              random_array(seed, (2, 3, T, D)))
 
 
+@given(seed=seeds, T=st.integers(1, 5), half=st.integers(1, 3))
+def test_rotary_follows_the_formula_for_any_tables(seed, T, half):
+    # Real tables repeat the same angles in both halves; tables whose halves differ catch a backward that mixes the
+    # halves of sin up.
+    cos, sin = random_array(seed + 1, (T, 2 * half)), random_array(seed + 2, (T, 2 * half))
+    check_op(lambda x: F.apply_rotary(x, cos, sin), lambda x: _rope_reference(x, cos, sin),
+             random_array(seed, (2, T, 2 * half)))
+
+
 def test_rotary_preserves_norms_and_relative_angles():
     cos, sin = F.rotary_tables(8, 16)
     rng = np.random.default_rng(0)

@@ -57,14 +57,23 @@ def test_residual_projections_get_scaled_init():
 
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
 @pytest.mark.parametrize("pos", [None, "sinusoidal"])
-def test_kv_cache_generation_equals_full_recompute(preset, pos):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_kv_cache_generation_equals_full_recompute(preset, pos, batch_size):
     model = _model(preset, **({"pos": pos} if pos else {}))
-    prompt = np.random.default_rng(1).integers(0, 11, (2, 3))
+    prompt = np.random.default_rng(1).integers(0, 11, (batch_size, 3))
     # 20 new tokens: past block_size (12), so the sliding window is exercised too.
     cached = model.generate(prompt, 20, temperature=0, use_cache=True).numpy()
     recomputed = model.generate(prompt, 20, temperature=0, use_cache=False).numpy()
     np.testing.assert_array_equal(cached, recomputed)
-    assert cached.shape == (2, 23)
+    assert cached.shape == (batch_size, 23)
+
+
+def test_learned_positions_train_only_the_rows_used():
+    model = _model("gpt2")
+    _, loss = model(np.zeros((2, 5), dtype=np.int64), np.ones((2, 5), dtype=np.int64))
+    loss.backward()
+    row_norms = np.abs(model.wpe.weight.grad).sum(axis=1)
+    assert (row_norms[:5] > 0).all() and (row_norms[5:] == 0).all()
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():

@@ -19,12 +19,13 @@ from .naive import naive_attention
 
 BACKENDS = ("auto", "naive", "flash", "cuda")
 
-# "auto" takes flash on the CPU once a head's score matrix has this many entries (T * S). Measured with
-# `python bench/attention.py --auto` (B=1, H=8, d=64, forward + backward, causal and not; a 2-core machine shared
-# with other work): naive wins at T <= 64 (by 1.2x), flash from T = 96 on. Above ~10**6 multiply-adds per matmul OpenBLAS splits naive's matmuls across its
-# threads, which is fast on an idle machine but 10-100x slower when another process holds a core; flash keeps each
-# tile's matmul on one thread and does not have that cliff.
-AUTO_FLASH_MIN_SCORES = 128 * 128
+# "auto" takes flash on the CPU once a head's score matrix has this many entries (T * S). Measured here, causal
+# forward + backward, d=64, flash time / naive time, with 1 and 2 BLAS threads (naive's softmax is one fused,
+# cache-blocked op, so naive stays ahead longer than its unfused form did):
+#     B=1, H=8:   T=128 1.63-1.70   T=192 1.39-1.43   T=256 0.87-0.99   T=320 0.67-0.77   T=512 0.51-0.62
+#     B=64, H=6:  T=256 1.39-1.43   (nanoGPT's GPU config: big batched matmuls favour naive)
+# So naive up to T = S = 256, flash from 300 on. Flash keeps memory linear in T whatever the threshold.
+AUTO_FLASH_MIN_SCORES = 300 * 300
 # Unmeasured guard for a GPU without the cuda backend: beyond this many bytes of scores, naive risks running out.
 AUTO_NAIVE_MAX_BYTES = 1 << 30
 
@@ -44,6 +45,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
         attn_mask = get_array_module(q.data).asarray(attn_mask)  # nested lists, onto q's device
     _check_inputs(q, k, v, attn_mask, is_causal, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if is_causal and q.shape[2] == 1:
+        is_causal = False  # a single query is the last position and sees every key (a decoding step): no mask to build
     if backend == "auto":
         backend = _choose_backend(q, k, attn_mask)
     if backend == "naive":

@@ -36,7 +36,7 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
         k = k.unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hq, S, D)
         v = v.unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hq, S, D)
 
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, T, S)
+    scores = q @ k.transpose(-2, -1)  # (B, Hq, T, S), scaled inside the softmax
     keep = None
     if is_causal:
         keep = xp.arange(S)[None, :] <= xp.arange(T)[:, None] + (S - T)
@@ -46,9 +46,7 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
             keep = mask_data if keep is None else xp.logical_and(keep, mask_data)
         else:
             additive = attn_mask if isinstance(attn_mask, Tensor) else Tensor(mask_data)
-            scores = scores + F.cast(additive, compute)
-    if keep is not None:
-        scores = scores.masked_fill(xp.logical_not(keep), -np.inf)
-    # Softmax of a row of only -inf is all zeros in tinytf (no NaN), so rows without a key give O = 0.
-    weights = scores.softmax(dim=-1)
+            scores, scale = scores * scale + F.cast(additive, compute), 1.0
+    # A row that keeps no key is all zeros after the softmax (no NaN), so rows without a key give O = 0.
+    weights = F.masked_softmax(scores, keep, scale)
     return F.cast(weights @ v, out_dtype)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..tensor import Tensor
-from .activation import dropout, erf, gelu, log_softmax, relu, sigmoid, silu, softmax, tanh
+from .activation import dropout, erf, gelu, log_softmax, masked_softmax, relu, sigmoid, silu, softmax, swiglu, tanh
 from .arithmetic import (
     abs,
     add,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import normalize_axis
+from .common import normalize_axis, row_blocks
 
 
 class Tanh(Function):
@@ -49,39 +51,51 @@ _GELU_C = math.sqrt(2 / math.pi)
 class GELUTanh(Function):
     """GELU with the tanh approximation (GPT-2's "gelu_new"): x/2 (1 + tanh(c (x + k x^3))), k = 0.044715.
 
-    Written with in-place updates: this op runs on the widest activations of a transformer (B, T, 4C).
+    This op runs on the widest activations of a transformer (B, T, 4C), so both passes are chains of in-place
+    updates over cache-sized blocks (`row_blocks`) instead of one temporary array per term.
     """
 
     K = 0.044715
 
     def forward(self, a):
         xp = backend.get_array_module(a)
-        t = xp.multiply(a, a, out=xp.empty_like(a))  # out= keeps 0-d inputs arrays, so the updates stay in place
-        t *= self.K
-        t += 1
-        t *= a
-        t *= _GELU_C
-        xp.tanh(t, out=t)  # t = tanh(c (x + k x^3))
-        self.save_for_backward(a, t)
-        out = t + 1
-        out *= a
-        out *= 0.5
-        return out
+        x = a.reshape(-1)
+        t, out = xp.empty_like(x), xp.empty_like(x)
+        for rows in row_blocks(x):
+            xb, tb, ob = x[rows], t[rows], out[rows]
+            xp.multiply(xb, xb, out=tb)
+            tb *= self.K * _GELU_C
+            tb += _GELU_C
+            tb *= xb
+            xp.tanh(tb, out=tb)  # t = tanh(c (x + k x^3))
+            xp.add(tb, 1, out=ob)
+            ob *= xb
+            ob *= 0.5
+        self.save_for_backward(x, t)
+        return out.reshape(a.shape)
 
     def backward(self, grad):
-        a, t = self.saved_tensors
-        # d/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3k x^2)
-        xp = backend.get_array_module(a)
-        slope = xp.multiply(a, a, out=xp.empty_like(a))
-        slope *= 3 * self.K * _GELU_C
-        slope += _GELU_C
-        slope *= a
-        slope *= 1 - t * t
-        slope += t
-        slope += 1
-        slope *= 0.5
-        slope *= grad
-        return slope
+        x, t = self.saved_tensors
+        xp = backend.get_array_module(x)
+        # d/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3k x^2) = (1 + t) (1/2 + u (1 - t)),  u = x c (1 + 3k x^2) / 2
+        g = grad.reshape(-1)
+        slope = xp.empty_like(x)
+        blocks = row_blocks(x)
+        scratch = xp.empty_like(x[blocks[0]])
+        for rows in blocks:
+            xb, tb, sb = x[rows], t[rows], slope[rows]
+            u = scratch[: xb.shape[0]]
+            xp.multiply(xb, xb, out=u)
+            u *= 1.5 * self.K * _GELU_C
+            u += 0.5 * _GELU_C
+            u *= xb
+            xp.subtract(1, tb, out=sb)
+            u *= sb
+            u += 0.5
+            xp.add(tb, 1, out=sb)
+            sb *= u
+            sb *= g[rows]
+        return slope.reshape(grad.shape)
 
 
 def erf(x):
@@ -114,16 +128,82 @@ class GELUErf(Function):
 
 
 class SiLU(Function):
+    """x sigmoid(x) (swish), in place over cache-sized blocks like GELUTanh: Llama's MLP runs it on (B, T, hidden)."""
+
     def forward(self, a):
         xp = backend.get_array_module(a)
-        s = 0.5 * (1 + xp.tanh(0.5 * a))
-        self.save_for_backward(a, s)
-        return a * s
+        x = a.reshape(-1)
+        s, out = xp.empty_like(x), xp.empty_like(x)
+        for rows in row_blocks(x):
+            _sigmoid(x[rows], s[rows], xp)
+            xp.multiply(x[rows], s[rows], out=out[rows])
+        self.save_for_backward(x, s)
+        return out.reshape(a.shape)
 
     def backward(self, grad):
-        a, s = self.saved_tensors
-        # d(x s(x))/dx = s + x s (1 - s)
-        return grad * (s * (1 + a * (1 - s)))
+        x, s = self.saved_tensors
+        xp = backend.get_array_module(x)
+        g = grad.reshape(-1)
+        slope = xp.empty_like(x)
+        for rows in row_blocks(x):
+            sb = slope[rows]
+            _silu_slope(x[rows], s[rows], sb, xp)
+            sb *= g[rows]
+        return slope.reshape(grad.shape)
+
+
+def _sigmoid(x, out, xp) -> None:
+    """out = sigmoid(x) = (1 + tanh(x/2))/2, which never overflows, unlike 1/(1+e^-x) for x << 0."""
+    xp.multiply(x, 0.5, out=out)
+    xp.tanh(out, out=out)
+    out *= 0.5
+    out += 0.5
+
+
+def _silu_slope(x, s, out, xp) -> None:
+    """out = d(x s(x))/dx = s + x s (1 - s) = s (1 + x (1 - s)), given s = sigmoid(x)."""
+    xp.subtract(1, s, out=out)
+    out *= x
+    out += 1
+    out *= s
+
+
+class SwiGLU(Function):
+    """silu(gate) * up, Llama's gated MLP activation, fused: no (B, T, hidden) array for silu(gate) or its gradient."""
+
+    def forward(self, gate, up):
+        """(..., hidden), (..., hidden) -> (..., hidden)"""
+        xp = backend.get_array_module(gate, up)
+        a, b = gate.reshape(-1), up.reshape(-1)
+        s, out = xp.empty_like(a), xp.empty_like(a)
+        for rows in row_blocks(a):
+            ob = out[rows]
+            _sigmoid(a[rows], s[rows], xp)
+            xp.multiply(a[rows], s[rows], out=ob)
+            ob *= b[rows]
+        self.save_for_backward(a, b, s)
+        return out.reshape(gate.shape)
+
+    def backward(self, grad):
+        a, b, s = self.saved_tensors
+        xp = backend.get_array_module(a)
+        # d/d up = g silu(a) = g a s;   d/d gate = g up silu'(a)
+        g = grad.reshape(-1)
+        grad_gate = xp.empty_like(a) if self.needs_input_grad[0] else None
+        grad_up = xp.empty_like(a) if self.needs_input_grad[1] else None
+        for rows in row_blocks(a):
+            ab, sb, gb = a[rows], s[rows], g[rows]
+            if grad_up is not None:
+                ub = grad_up[rows]
+                xp.multiply(ab, sb, out=ub)
+                ub *= gb
+            if grad_gate is not None:
+                db = grad_gate[rows]
+                _silu_slope(ab, sb, db, xp)
+                db *= b[rows]
+                db *= gb
+        return (None if grad_gate is None else grad_gate.reshape(grad.shape),
+                None if grad_up is None else grad_up.reshape(grad.shape))
 
 
 def _stable_max(a, axis: int):
@@ -134,19 +214,54 @@ def _stable_max(a, axis: int):
 
 
 class Softmax(Function):
-    def forward(self, a, axis: int):
+    def forward(self, a, axis: int, scale: float = 1.0, bias=None):
+        """(..., C) -> (..., C): softmax(a * scale + bias) along `axis`, with bias a constant that broadcasts against
+        a (0 and -inf for a mask; only with axis -1).
+
+        The rows are cut into groups: one row each without a bias, the last two axes (T, C) with one, so that a
+        (T, C) mask applies to every group as it is. Each cache-sized block of groups goes through scale, bias, max,
+        exp, sum and normalization before the next one is read.
+        """
         xp = backend.get_array_module(a)
-        out = xp.exp(a - _stable_max(a, axis))
-        total = out.sum(axis=axis, keepdims=True)
-        out /= xp.where(total > 0, total, 1)  # a fully masked row stays all zeros
+        moved = xp.moveaxis(a, axis, -1) if a.ndim else a.reshape(1)
+        group_rows = moved.shape[-2] if bias is not None and a.ndim >= 2 else 1
+        groups = moved.reshape(-1, group_rows, moved.shape[-1])
+        if bias is not None:
+            bias = xp.broadcast_to(bias, a.shape).reshape(groups.shape)  # a view for masks that ignore the batch
+        out = xp.empty(groups.shape, dtype=a.dtype)
+        for block in row_blocks(groups):
+            logits, ob = groups[block], out[block]
+            if scale != 1 or bias is not None:
+                logits = xp.multiply(logits, scale, out=ob)
+                if bias is not None:
+                    logits += bias[block]
+            xp.subtract(logits, _stable_max(logits, -1), out=ob)
+            xp.exp(ob, out=ob)
+            total = ob.sum(axis=-1, keepdims=True)
+            ob *= 1 / xp.where(total > 0, total, 1)  # a fully masked row stays all zeros
+        self.axis, self.scale, self.moved_shape, self.input_shape = axis, scale, moved.shape, a.shape
         self.save_for_backward(out)
-        self.axis = axis
-        return out
+        return self._unmoved(out)
 
     def backward(self, grad):
-        (out,) = self.saved_tensors
-        # dL/da_j = y_j (g_j - sum_k g_k y_k)
-        return out * (grad - (grad * out).sum(axis=self.axis, keepdims=True))
+        (probs,) = self.saved_tensors
+        xp = backend.get_array_module(probs)
+        # dL/da_j = scale * y_j (g_j - sum_k g_k y_k)
+        g = (xp.moveaxis(grad, self.axis, -1) if grad.ndim else grad).reshape(probs.shape)
+        grad_in = xp.empty_like(probs)
+        for block in row_blocks(probs):
+            yb, gb, rb = probs[block], g[block], grad_in[block]
+            xp.subtract(gb, xp.einsum("...i,...i->...", gb, yb)[..., None], out=rb)
+            rb *= yb
+            if self.scale != 1:
+                rb *= self.scale
+        return self._unmoved(grad_in)
+
+    def _unmoved(self, groups):
+        """Groups back to the input's shape and axis order."""
+        if len(self.input_shape) <= 1:  # nothing was moved
+            return groups.reshape(self.input_shape)
+        return backend.get_array_module(groups).moveaxis(groups.reshape(self.moved_shape), -1, self.axis)
 
 
 class LogSoftmax(Function):
@@ -201,6 +316,13 @@ def silu(a: Tensor) -> Tensor:
     return SiLU.apply(a)
 
 
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up in one fused op (Llama's feed-forward); gate and up have the same shape."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate of shape {gate.shape} and up of shape {up.shape} must have the same shape")
+    return SwiGLU.apply(gate, up)
+
+
 def _single_axis(op: str, a: Tensor, axis, dim) -> int:
     axis, _ = normalize_axis(axis, dim)
     if axis is None:
@@ -213,6 +335,26 @@ def _single_axis(op: str, a: Tensor, axis, dim) -> int:
 def softmax(a: Tensor, axis: int | None = None, dim: int | None = None) -> Tensor:
     """exp(a) / sum(exp(a)) along one axis (default the last), stable for large logits and -inf."""
     return Softmax.apply(a, axis=_single_axis("softmax", a, axis, dim))
+
+
+def masked_softmax(a: Tensor, keep=None, scale: float = 1.0) -> Tensor:
+    """softmax(a * scale) along the last axis in one fused op, with probability 0 wherever the boolean `keep`
+    (broadcastable to a; True = attend) is False. A row with nothing kept is all zeros. Attention's scores path."""
+    if a.ndim == 0:
+        raise ValueError("masked_softmax: needs at least one dimension")
+    bias = None
+    if keep is not None:
+        xp = backend.get_array_module(a.data)
+        keep = keep.data if isinstance(keep, Tensor) else xp.asarray(keep)
+        if keep.dtype != bool:
+            raise TypeError(f"masked_softmax: keep must be a boolean mask, got dtype {keep.dtype}")
+        try:
+            if np.broadcast_shapes(keep.shape, a.shape) != a.shape:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"masked_softmax: mask of shape {keep.shape} does not broadcast to {a.shape}") from None
+        bias = xp.where(keep, a.dtype.type(0), a.dtype.type(float("-inf")))
+    return Softmax.apply(a, axis=-1, scale=float(scale), bias=bias)
 
 
 def log_softmax(a: Tensor, axis: int | None = None, dim: int | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Helpers shared by the ops: broadcasting gradients back, and turning Python scalars into tensors."""
+"""Helpers shared by the ops: broadcasting gradients back, Python scalars as tensors, cache-sized blocks."""
 
 from __future__ import annotations
 
@@ -19,6 +19,23 @@ def sum_to(grad, shape: tuple[int, ...]):
     stretched = tuple(leading + axis for axis, size in enumerate(shape) if size == 1 and grad.shape[leading + axis] != 1)
     grad = grad.sum(axis=tuple(range(leading)) + stretched, keepdims=True)
     return grad.reshape(shape)
+
+
+# Fused ops run their chain of in-place passes one block of rows at a time: a block of this size stays in the L2
+# cache for the whole chain, where whole arrays would stream every pass through memory. On the 2-core machine here
+# that makes the tanh-GELU forward 1.3x faster for (768, 512) float32 and 2.2x for (16384, 1536); blocks from 128 KiB
+# to 512 KiB do about equally well, 32 KiB is slower than no blocking (Python's per-call cost dominates).
+BLOCK_BYTES = 256 * 1024
+
+
+def row_blocks(array) -> list[slice]:
+    """Slices of `array`'s first axis, each about BLOCK_BYTES of rows; a single slice for a GPU array, whose kernels
+    gain nothing from host-cache blocking."""
+    rows = array.shape[0]
+    if backend.is_cupy_array(array):
+        return [slice(0, rows)]
+    per_block = max(1, BLOCK_BYTES // max(1, array.itemsize * (array.size // max(rows, 1))))
+    return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
 
 
 def as_tensor(value, like: Tensor) -> Tensor:

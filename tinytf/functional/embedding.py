@@ -6,6 +6,14 @@ from .. import backend
 from ..tensor import Function, Tensor
 
 
+# Below this many rows, the table's gradient is one-hot(ids)^T @ grad, a GEMM of 2 V flops per gradient element:
+# at ~100 GFLOP/s that beats add.at's ~10 ns per element (measured here: 7x faster for V = 65, N = 768, D = 128 and
+# 6x for N = 16384, D = 384) until V reaches several hundred. Character vocabularies and position tables are small.
+ONE_HOT_MAX_ROWS = 256
+# The one-hot matrix is built this many entries at a time (16 MiB of float32), however many ids there are.
+ONE_HOT_CHUNK = 1 << 22
+
+
 class Embedding(Function):
     def forward(self, weight, ids):
         """(V, D) table, (...) ids -> (..., D)"""
@@ -15,9 +23,18 @@ class Embedding(Function):
 
     def backward(self, grad):
         xp = backend.get_array_module(grad)
+        vocab, dim = self.table_shape
+        ids, rows = self.ids.reshape(-1), grad.reshape(-1, dim)
         grad_weight = xp.zeros(self.table_shape, dtype=grad.dtype)
-        # An id used several times gets the sum of its gradients: add.at accumulates repeated indices.
-        xp.add.at(grad_weight, self.ids.reshape(-1), grad.reshape(-1, self.table_shape[1]))
+        # An id used several times gets the sum of its gradients: both ways accumulate repeated ids.
+        if vocab > ONE_HOT_MAX_ROWS:
+            xp.add.at(grad_weight, ids, rows)
+            return grad_weight
+        table_ids = xp.arange(vocab)[:, None]
+        step = max(1, ONE_HOT_CHUNK // vocab)
+        for start in range(0, ids.shape[0], step):
+            one_hot_transposed = (table_ids == ids[None, start : start + step]).astype(grad.dtype)
+            grad_weight += one_hot_transposed @ rows[start : start + step]
         return grad_weight
 
 

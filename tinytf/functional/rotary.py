@@ -25,9 +25,15 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float = 10000.0, xp=
     return xp.cos(angles).astype(xp.float32), xp.sin(angles).astype(xp.float32)
 
 
-def _rotate_half(x, xp):
+def _rotate(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x1, x2) = (-x2, x1), updating the halves of x * cos in place
+    instead of building rotate_half(x)."""
     half = x.shape[-1] // 2
-    return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos
+    first, second = out[..., :half], out[..., half:]
+    first -= x[..., half:] * sin[:, :half]
+    second += x[..., :half] * sin[:, half:]
+    return out
 
 
 class Rotary(Function):
@@ -36,14 +42,16 @@ class Rotary(Function):
         xp = backend.get_array_module(x)
         compute = x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
         self.tables = cos, sin
-        return (compute * cos + _rotate_half(compute, xp) * sin).astype(x.dtype, copy=False)
+        return _rotate(compute, cos, sin).astype(x.dtype, copy=False)
 
     def backward(self, grad):
+        # The transposed rotation is the same rotation with the sin table's halves swapped and negated:
+        # d1 = g1 cos1 + g2 sin2 and d2 = g2 cos2 - g1 sin1.
         cos, sin = self.tables
+        half = sin.shape[-1] // 2
         xp = backend.get_array_module(grad)
-        u = grad * sin
-        half = grad.shape[-1] // 2
-        return (grad * cos + xp.concatenate([u[..., half:], -u[..., :half]], axis=-1)).astype(grad.dtype, copy=False)
+        transposed_sin = -xp.concatenate([sin[:, half:], sin[:, :half]], axis=-1)
+        return _rotate(grad, cos, transposed_sin).astype(grad.dtype, copy=False)
 
 
 def apply_rotary(x: Tensor, cos, sin) -> Tensor:

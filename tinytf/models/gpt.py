@@ -156,8 +156,7 @@ class GPT(Module):
             )
         x = self.wte(ids)  # (B, T, C)
         if self.config.pos == "learned":
-            xp = backend.get_array_module(ids)
-            x = x + self.wpe(xp.arange(start, start + T))
+            x = x + self.wpe.weight[start : start + T]  # positions start..start+T-1: a slice, no gather needed
         elif self.config.pos == "sinusoidal":
             x = x + Tensor(self.position_table[start : start + T])
         x = self.drop(x)

@@ -39,7 +39,7 @@ def sample_next_token(logits: np.ndarray, temperature: float = 1.0, top_k: int |
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
-        return logits.argmax(axis=-1).astype(np.int64)
+        return logits.argmax(axis=-1).astype(np.int64, copy=False)
     filtered = filter_logits(logits / temperature, top_k, top_p)
     probs = np.exp(filtered - filtered.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)

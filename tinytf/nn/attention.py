@@ -65,10 +65,9 @@ class MultiHeadAttention(Module):
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.reshape(B, T, H, D).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
-        k = k.reshape(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.reshape(B, T, Hkv, D).transpose(1, 2)
+        # One reshape and one transpose for q, k and v together (rather than one of each per tensor), then a split.
+        qkv = self.c_attn(x).reshape(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, T, (H+2Hkv)*D) -> (B, H+2Hkv, T, D)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
         if self.rope:
             start = kv_cache.length if kv_cache is not None else 0
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]

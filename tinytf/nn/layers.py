@@ -120,4 +120,4 @@ class SwiGLUMLP(Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.silu(self.gate(x)) * self.up(x)))
+        return self.dropout(self.c_proj(F.swiglu(self.gate(x), self.up(x))))
