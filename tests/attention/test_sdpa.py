@@ -102,6 +102,21 @@ def test_naive_supports_general_boolean_and_additive_masks():
     assert not got[0][0, 0, 1].any() if mask is bool_mask else True
 
 
+def test_naive_differentiates_an_additive_tensor_mask_under_grouped_query_attention():
+    q, k, v, dO = random_qkv(2, 4, 2, 3, 5, 4, seed=9)
+    mask = np.random.default_rng(9).standard_normal((4, 3, 5))  # per query head: the groups must not mix them up
+    tq, tk, tv, tmask = tensors(q, k, v, mask)
+    out = scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask, is_causal=True, backend="naive")
+    out.backward(dO)
+    want = reference_attention(q, k, v, dO, attn_mask=mask, is_causal=True)
+    for got, expected in zip((out.numpy(), tq.grad, tk.grad, tv.grad), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    assert gradcheck(
+        lambda q, k, v, mask: scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, backend="naive"),
+        *tensors(q, k, v, mask),
+    )
+
+
 @pytest.mark.parametrize("backend", ["naive", "flash"])
 def test_rows_without_visible_keys_give_zeros_not_nan(backend):
     q, k, v, dO = random_qkv(2, 2, 2, 4, 6, 8, dtype=np.float32)

@@ -31,22 +31,26 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
     out_dtype = q.dtype
     compute = np.result_type(q.dtype, np.float32)
     q, k, v = (F.cast(x, compute) for x in (q, k, v))
-    if Hq != Hkv:  # grouped-query attention: each K/V head serves G consecutive query heads
-        G = Hq // Hkv
-        k = k.unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hq, S, D)
-        v = v.unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hq, S, D)
-
-    scores = q @ k.transpose(-2, -1)  # (B, Hq, T, S), scaled inside the softmax
+    # Grouped-query attention: the G query heads that share a K/V head (consecutive heads) become G * T query rows
+    # of that head, so K and V are used as they are, never repeated, and their gradients sum over the group.
+    G = Hq // Hkv
+    q = q.reshape(B, Hkv, G * T, D)
+    scores = q @ k.transpose(-2, -1)  # (B, Hkv, G*T, S), scaled inside the softmax
     keep = None
     if is_causal:
-        keep = xp.arange(S)[None, :] <= xp.arange(T)[:, None] + (S - T)
+        query_positions = xp.arange(G * T) % T
+        keep = xp.arange(S)[None, :] <= query_positions[:, None] + (S - T)
     if attn_mask is not None:
-        mask_data = attn_mask.data if isinstance(attn_mask, Tensor) else xp.asarray(attn_mask)
-        if mask_data.dtype == bool:
-            keep = mask_data if keep is None else xp.logical_and(keep, mask_data)
+        if isinstance(attn_mask, Tensor) and attn_mask.dtype != bool:
+            mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + attn_mask.shape).expand(B, Hq, T, S)
+            scores, scale = scores * scale + F.cast(mask.reshape(B, Hkv, G * T, S), compute), 1.0
         else:
-            additive = attn_mask if isinstance(attn_mask, Tensor) else Tensor(mask_data)
-            scores, scale = scores * scale + F.cast(additive, compute), 1.0
+            mask_data = attn_mask.data if isinstance(attn_mask, Tensor) else xp.asarray(attn_mask)
+            grouped = xp.broadcast_to(mask_data, (B, Hq, T, S)).reshape(B, Hkv, G * T, S)
+            if mask_data.dtype == bool:
+                keep = grouped if keep is None else xp.logical_and(keep, grouped)
+            else:
+                scores, scale = scores * scale + Tensor(grouped.astype(compute, copy=False)), 1.0
     # A row that keeps no key is all zeros after the softmax (no NaN), so rows without a key give O = 0.
     weights = F.masked_softmax(scores, keep, scale)
-    return F.cast(weights @ v, out_dtype)
+    return F.cast((weights @ v).reshape(B, Hq, T, D), out_dtype)
