@@ -6,8 +6,8 @@
     python bench/suite.py --threads 1              BLAS threads of both (default: what NumPy's BLAS uses)
     python bench/suite.py --data FILE --json FILE  the training text; also save every sample as JSON
 
-Needs the bench extra (`pip install -e '.[bench]'`: torch==2.13.0); threadpoolctl, when installed, reports NumPy's
-BLAS and lets --threads differ from its default. The sections, each tinytf against an eager PyTorch twin of the same
+Needs the bench extra (`pip install -e '.[bench]'`: torch==2.13.0 and threadpoolctl, which reports NumPy's BLAS and
+lets --threads differ from its default). The sections, each tinytf against an eager PyTorch twin of the same
 shapes (bench/torch_reference.py, checked to compute the same numbers by `python bench/torch_reference.py --check`):
 
     step       one training step (forward, loss.item(), backward, clip 1.0, AdamW), GPT-2 and Llama presets, for
