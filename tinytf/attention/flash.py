@@ -204,33 +204,33 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     Q = _to_rows(Q, Hkv, dtype)  # unscaled: a view of the input when G == 1, so no copy
     K, V = _to_kv(K, dtype), _to_kv(V, dtype)  # (N, S, d)
     K1, V1 = _with_ones(K, xp), _with_ones(V, xp)  # (N, S, d + 1): the matmuls subtract L_i and D_i (header)
-    # Every column tile meets every row tile: build their right operands once, not once per meeting.
-    row_tiles = [tiling.rows(i) for i in range(tiling.n_row_tiles)]
-    Q_L = [_stacked_transposed(Q[:, rows], scale * LOG2_E, -L[:, rows], xp) for rows in row_tiles]  # (N, d + 1, Br)
-    dO_D = [_stacked_transposed(dO[:, rows], 1, -D[:, rows], xp) for rows in row_tiles]
-    dK = xp.empty_like(K)
-    dV = xp.empty_like(V)
+    dK = xp.zeros_like(K)
+    dV = xp.zeros_like(V)
 
     def backward_col_tiles(col_tiles):
         scratch = {}
         dQ = xp.zeros_like(Q)  # this group's share of dQ
-        for j in col_tiles:
-            cols = tiling.cols(j)
-            K_j, V_j = K[:, cols], V[:, cols]
-            dK_j = xp.zeros_like(K_j)
-            dV_j = xp.zeros_like(V_j)
-            for i in tiling.visible_rows(j):
-                rows = tiling.rows(i)
-                S_ji = _product(scratch, "S", K1[:, cols], Q_L[i], xp)  # S_ij^T - L_i, (Bc, N, Br)
+        mine = set(col_tiles)
+        # Row tiles outermost: a row tile's right operands are built once per thread and dropped after its column
+        # tiles, so they never exist for the whole sequence at once (that would be two more copies of Q and dO).
+        for i in range(tiling.n_row_tiles):
+            cols_seen = [j for j in tiling.visible_cols(i) if j in mine]
+            if not cols_seen:
+                continue
+            rows = tiling.rows(i)
+            Q_L = _stacked_transposed(Q[:, rows], scale * LOG2_E, -L[:, rows], xp)  # (N, d + 1, Br)
+            dO_D = _stacked_transposed(dO[:, rows], 1, -D[:, rows], xp)
+            for j in cols_seen:
+                cols = tiling.cols(j)
+                dK_j, dV_j = dK[:, cols], dV[:, cols]  # views: this group owns these columns
+                S_ji = _product(scratch, "S", K1[:, cols], Q_L, xp)  # S_ij^T - L_i, (Bc, N, Br)
                 mask(S_ji, i, j)
                 P_ji = xp.exp2(S_ji, out=S_ji)
                 dV_j += P_ji.transpose(1, 0, 2) @ dO[:, rows]  # (N, Bc, Br) @ (N, Br, d)
-                dP_ji = _product(scratch, "dP", V1[:, cols], dO_D[i], xp)  # dP_ij^T - D_i
+                dP_ji = _product(scratch, "dP", V1[:, cols], dO_D, xp)  # dP_ij^T - D_i
                 dS_ji = xp.multiply(dP_ji, P_ji, out=dP_ji)
-                dQ[:, rows] += dS_ji.transpose(1, 2, 0) @ K_j  # (N, Br, Bc) @ (N, Bc, d)
+                dQ[:, rows] += dS_ji.transpose(1, 2, 0) @ K[:, cols]  # (N, Br, Bc) @ (N, Bc, d)
                 dK_j += dS_ji.transpose(1, 0, 2) @ Q[:, rows]  # (N, Bc, Br) @ (N, Br, d)
-            dK[:, cols] = dK_j
-            dV[:, cols] = dV_j
         return dQ
 
     # One group of column tiles per thread, balanced by their number of row tiles (a causal mask makes the first
