@@ -32,8 +32,9 @@ class Embedding(Function):
             return grad_weight
         table_ids = xp.arange(vocab)[:, None]
         step = max(1, ONE_HOT_CHUNK // vocab)
+        compute = xp.promote_types(grad.dtype, xp.float32)  # BLAS, and float32 sums, for half-precision gradients too
         for start in range(0, ids.shape[0], step):
-            one_hot_transposed = (table_ids == ids[None, start : start + step]).astype(grad.dtype)
+            one_hot_transposed = (table_ids == ids[None, start : start + step]).astype(compute)
             grad_weight += one_hot_transposed @ rows[start : start + step]
         return grad_weight
 
