@@ -168,3 +168,32 @@ def test_mixing_devices_names_both(monkeypatch):
     assert on_gpu.device == "cuda:0"
     with pytest.raises(RuntimeError, match="different devices, cuda:0 and cpu"):
         on_gpu + tinytf.ones(3, dtype="float64")
+
+
+def test_slices_shared_arrays_and_dense_gradients_add_up():
+    # Slices give SliceGrads that the engine writes into one buffer; Add hands one array to both inputs; x is also
+    # used whole. Every path must count once, and no array that an op returned may be changed in place.
+    data = np.arange(6.0).reshape(2, 3)
+    x = tinytf.tensor(data, requires_grad=True)
+    doubled = x + x
+    total = (x[0] * 2).sum() + x[1].sum() * 3 + (doubled * doubled).sum() + x[:, 1:].sum()
+    total.backward(retain_graph=True)
+    expected = 8 * data + [[2, 2, 2], [3, 3, 3]] + [[0, 1, 1], [0, 1, 1]]
+    np.testing.assert_allclose(x.grad, expected)
+    total.backward()  # the saved arrays survived the first pass unchanged
+    np.testing.assert_allclose(x.grad, 2 * expected)
+
+
+def test_backward_never_writes_into_the_callers_gradient():
+    x = tinytf.tensor(np.ones((2, 3)), requires_grad=True)
+    upstream = np.full((2, 3), 5.0)
+    (x + x).backward(upstream)  # both inputs of Add receive `upstream` itself
+    np.testing.assert_array_equal(upstream, 5.0)
+    np.testing.assert_array_equal(x.grad, 10.0)
+
+
+def test_a_slice_that_is_the_only_gradient_reaches_the_leaf_as_a_dense_array():
+    x = tinytf.tensor(np.zeros((3, 2)), requires_grad=True)
+    x[1:].sum().backward()
+    assert isinstance(x.grad, np.ndarray)
+    np.testing.assert_array_equal(x.grad, [[0, 0], [1, 1], [1, 1]])

@@ -211,10 +211,14 @@ class Tensor:
         # before the node passes it on. Visiting nodes in reverse topological order guarantees that every consumer
         # of a node has already contributed when the node itself is reached.
         pending = {id(self): grad}
+        owned: set[int] = set()  # keys of `pending` whose array this pass allocated, so it may add into it in place
         for node in reversed(_topological_order(self)):
             node_grad = pending.pop(id(node), None)
+            owned.discard(id(node))
             if node_grad is None:
                 continue
+            if isinstance(node_grad, SliceGrad):
+                node_grad = node_grad.dense()
             creator = node._creator
             if creator is None or node._retains_grad:
                 node._accumulate_grad(node_grad)
@@ -231,8 +235,7 @@ class Tensor:
             for parent, parent_grad in zip(creator.inputs, input_grads):
                 if parent_grad is None or not parent.requires_grad:
                     continue
-                key = id(parent)
-                pending[key] = parent_grad if key not in pending else pending[key] + parent_grad
+                _add_pending(pending, owned, id(parent), parent_grad)
             if not retain_graph:
                 creator.release()
 
@@ -270,6 +273,45 @@ class Tensor:
         elif self.requires_grad:
             extras.append("requires_grad=True")
         return "tensor(" + ", ".join([body] + extras) + ")"
+
+
+class SliceGrad:
+    """A gradient that is zero but at `index` (basic indexing: ints and slices), where it is `values`.
+
+    Indexing's backward returns one, so the gradients of several slices of one tensor (q, k and v split from one
+    projection) are written into a single array, not each padded with zeros to the full shape and then summed.
+    """
+
+    __slots__ = ("index", "values", "shape")
+
+    def __init__(self, index, values, shape: tuple[int, ...]):
+        self.index, self.values, self.shape = index, values, shape
+
+    def dense(self, dtype=None):
+        full = backend.get_array_module(self.values).zeros(self.shape, dtype=dtype or self.values.dtype)
+        full[self.index] = self.values
+        return full
+
+
+def _add_pending(pending: dict, owned: set, key: int, grad) -> None:
+    """pending[key] += grad. Arrays that ops returned may be shared (Add hands one array to both inputs), so the
+    first sum goes into a new array; only arrays this pass allocated (`owned`) are added into in place."""
+    total = pending.get(key)
+    if total is None:
+        pending[key] = grad
+        return
+    if key not in owned:
+        values = grad.values if isinstance(grad, SliceGrad) else grad
+        xp = backend.get_array_module(values)
+        dtype = xp.result_type(total.values if isinstance(total, SliceGrad) else total, values)
+        # xp.array, not astype: ops on 0-d arrays return NumPy scalars, which cannot be added into
+        total = total.dense(dtype) if isinstance(total, SliceGrad) else xp.array(total, dtype=dtype, copy=True)
+        pending[key] = total
+        owned.add(key)
+    if isinstance(grad, SliceGrad):
+        total[grad.index] += grad.values
+    else:
+        total += grad
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:

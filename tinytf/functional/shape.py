@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .. import backend
-from ..tensor import Function, Tensor
+from ..tensor import Function, SliceGrad, Tensor
 from .common import sum_to
 
 
@@ -46,13 +46,11 @@ class GetItem(Function):
         return a[index]
 
     def backward(self, grad):
-        xp = backend.get_array_module(grad)
-        full = xp.zeros(self.input_shape, dtype=grad.dtype)
-        if _is_advanced(self.index):
-            # An index array may name one element several times; each occurrence adds its gradient.
-            xp.add.at(full, self.index, grad)
-        else:
-            full[self.index] = grad
+        if not _is_advanced(self.index):
+            return SliceGrad(self.index, grad, self.input_shape)  # the engine places it
+        # An index array may name one element several times; each occurrence adds its gradient.
+        full = backend.get_array_module(grad).zeros(self.input_shape, dtype=grad.dtype)
+        backend.get_array_module(grad).add.at(full, self.index, grad)
         return full
 
 
