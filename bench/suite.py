@@ -164,15 +164,76 @@ def measure_peak_extra(run, release, warmups: int = 2) -> int | None:
     return None if peak is None else max(0, peak - base)
 
 
-class TinytfRunner:
+class Runner:
+    """What both workers do the same way; subclasses supply the framework's model, optimizer step and arrays."""
+
+    framework: str
+
+    def __init__(self):
+        import numpy as np
+
+        self.np = np
+        self.states = {}
+
+    def _model(self, preset: str, config: dict, block_size: int | None = None):
+        from tinytf.models.gpt import GPTConfig  # both frameworks take their shapes from tinytf's config
+
+        shape = {k: v for k, v in config.items() if k != "batch_size"}
+        if block_size:
+            shape["block_size"] = block_size
+        return self._build(GPTConfig.from_preset(preset, vocab_size=VOCAB_SIZE, **shape))
+
+    def train_steps(self, preset: str, config_name: str, steps: int, warmup: int) -> list[tuple]:
+        key = (preset, config_name)
+        if key not in self.states:
+            model = self._model(preset, CONFIGS[config_name])
+            batches = [tuple(self._array(a) for a in batch) for batch in random_batches(CONFIGS[config_name])]
+            self.states[key] = dict(model=model, optimizer=self._optimizer(model), batches=batches, iteration=0)
+        state = self.states[key]
+        samples = []
+        for index in range(warmup + steps):
+            iteration = state["iteration"]
+            x, y = state["batches"][iteration % len(state["batches"])]
+            with Stopwatch() as watch:
+                self._train_step(state["model"], state["optimizer"], iteration, x, y)
+            state["iteration"] += 1
+            if index >= warmup:
+                samples.append(watch.sample)
+        return samples
+
+    def drop_training_state(self) -> None:
+        self.states.clear()
+        gc.collect()
+
+    def generate(self, preset: str, batch_size: int, new_tokens: int, use_cache: bool, prompt_tokens: int) -> tuple:
+        key = ("generate", preset)
+        if key not in self.states:
+            self.states[key] = self._model(preset, CONFIGS["CPU"], GENERATION_BLOCK).eval()
+        model = self.states[key]
+        prompt = self._array(self.np.random.default_rng(0).integers(0, VOCAB_SIZE, (batch_size, prompt_tokens)))
+        with Stopwatch() as watch:
+            model.generate(prompt, new_tokens, temperature=0.0, use_cache=use_cache)
+        return watch.sample
+
+    def attention(self, T: int, backward: bool, reps: int) -> list[tuple]:
+        run = self._attention_op(load_bench_module("attention", hide_torch=self.framework == "tinytf"), T, backward)
+        run()  # warm-up
+        samples = []
+        for _ in range(reps):
+            with Stopwatch() as watch:
+                run()
+            samples.append(watch.sample)
+        return samples
+
+
+class TinytfRunner(Runner):
     framework = "tinytf"
 
     def __init__(self, threads: int):
-        import numpy as np
-
+        super().__init__()
         import tinytf
 
-        self.np, self.tinytf = np, tinytf
+        self.tinytf = tinytf
         self._limits = None
         try:
             from threadpoolctl import threadpool_limits
@@ -183,7 +244,6 @@ class TinytfRunner:
         from tinytf.attention import flash
 
         flash.NUM_THREADS = threads  # the flash backend's own worker threads (default: one per core)
-        self.states = {}
 
     def info(self) -> dict:
         from tinytf.attention import flash
@@ -201,68 +261,34 @@ class TinytfRunner:
         info["blas"] += f"; flash attention: {flash.NUM_THREADS} worker threads"
         return info
 
-    def _model(self, preset: str, config: dict, block_size: int | None = None):
-        from tinytf.models.gpt import GPT, GPTConfig
+    def _build(self, config):
+        from tinytf.models.gpt import GPT
 
         self.tinytf.manual_seed(0)
-        shape = {k: v for k, v in config.items() if k != "batch_size"}
-        if block_size:
-            shape["block_size"] = block_size
-        return GPT(GPTConfig.from_preset(preset, vocab_size=VOCAB_SIZE, **shape))
+        return GPT(config)
 
-    def train_steps(self, preset: str, config_name: str, steps: int, warmup: int) -> list[tuple]:
-        from tinytf.optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
+    def _optimizer(self, model):
+        from tinytf.optim import AdamW, weight_decay_groups
 
-        key = (preset, config_name)
-        if key not in self.states:
-            model = self._model(preset, CONFIGS[config_name])
-            optimizer = AdamW(weight_decay_groups(model.parameters(), 0.1), lr=SCHEDULE["lr"], betas=(0.9, 0.99))
-            self.states[key] = dict(model=model, optimizer=optimizer, batches=random_batches(CONFIGS[config_name]),
-                                    iteration=0)
-        state = self.states[key]
-        model, optimizer = state["model"], state["optimizer"]
-        samples = []
-        for index in range(warmup + steps):
-            iteration = state["iteration"]
-            x, y = state["batches"][iteration % len(state["batches"])]
-            with Stopwatch() as watch:
-                for group in optimizer.param_groups:  # tinytf.train's loop body
-                    group["lr"] = lr_at(iteration, **SCHEDULE)
-                _, loss = model(x, y)
-                loss.item()
-                optimizer.zero_grad()
-                loss.backward()
-                clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-            state["iteration"] += 1
-            if index >= warmup:
-                samples.append(watch.sample)
-        return samples
+        return AdamW(weight_decay_groups(model.parameters(), 0.1), lr=SCHEDULE["lr"], betas=(0.9, 0.99))
 
-    def drop_training_state(self) -> None:
-        self.states.clear()
-        gc.collect()
+    def _array(self, array):
+        return array
 
-    def generate(self, preset: str, batch_size: int, new_tokens: int, use_cache: bool, prompt_tokens: int) -> tuple:
-        key = ("generate", preset)
-        if key not in self.states:
-            self.states[key] = self._model(preset, CONFIGS["CPU"], GENERATION_BLOCK).eval()
-        model = self.states[key]
-        prompt = self.np.random.default_rng(0).integers(0, VOCAB_SIZE, (batch_size, prompt_tokens))
-        with Stopwatch() as watch:
-            model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
-        return watch.sample
+    def _train_step(self, model, optimizer, iteration: int, x, y) -> None:
+        from tinytf.optim import clip_grad_norm_, lr_at
 
-    def attention(self, T: int, backward: bool, reps: int) -> list[tuple]:
-        attention = load_bench_module("attention", hide_torch=True)
-        run = attention_op(attention.run_tinytf, "flash", attention.make_inputs(1, 8, T, 64), backward)
-        run()  # warm-up
-        samples = []
-        for _ in range(reps):
-            with Stopwatch() as watch:
-                run()
-            samples.append(watch.sample)
-        return samples
+        for group in optimizer.param_groups:  # tinytf.train's loop body
+            group["lr"] = lr_at(iteration, **SCHEDULE)
+        _, loss = model(x, y)
+        loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    def _attention_op(self, attention, T: int, backward: bool):
+        return attention_op(attention.run_tinytf, "flash", attention.make_inputs(1, 8, T, 64), backward)
 
     def attention_peak_memory(self, T: int) -> int | None:
         from tinytf.attention import scaled_dot_product_attention
@@ -292,18 +318,17 @@ class TinytfRunner:
         return {"engine": engine, "numpy": raw}
 
 
-class TorchRunner:
+class TorchRunner(Runner):
     framework = "torch"
 
     def __init__(self, threads: int):
-        import numpy as np
+        super().__init__()
         import torch
 
         import torch_reference
 
-        self.np, self.torch, self.reference = np, torch, torch_reference
+        self.torch, self.reference = torch, torch_reference
         torch.set_num_threads(threads)
-        self.states = {}
 
     def info(self) -> dict:
         torch = self.torch
@@ -312,60 +337,21 @@ class TorchRunner:
                 "blas": f"{blas}, oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}, "
                         f"{torch.backends.cpu.get_cpu_capability()}"}
 
-    def _model(self, preset: str, config: dict, block_size: int | None = None):
-        from tinytf.models.gpt import GPTConfig  # the shapes come from tinytf's config, so they are the same
-
+    def _build(self, config):
         self.torch.manual_seed(0)
-        shape = {k: v for k, v in config.items() if k != "batch_size"}
-        if block_size:
-            shape["block_size"] = block_size
-        return self.reference.GPT(GPTConfig.from_preset(preset, vocab_size=VOCAB_SIZE, **shape))
+        return self.reference.GPT(config)
 
-    def train_steps(self, preset: str, config_name: str, steps: int, warmup: int) -> list[tuple]:
-        key = (preset, config_name)
-        if key not in self.states:
-            model = self._model(preset, CONFIGS[config_name])
-            optimizer = self.reference.make_optimizer(model, SCHEDULE["lr"], (0.9, 0.99), 0.1)
-            batches = [tuple(self.torch.from_numpy(a) for a in b) for b in random_batches(CONFIGS[config_name])]
-            self.states[key] = dict(model=model, optimizer=optimizer, batches=batches, iteration=0)
-        state = self.states[key]
-        samples = []
-        for index in range(warmup + steps):
-            iteration = state["iteration"]
-            x, y = state["batches"][iteration % len(state["batches"])]
-            with Stopwatch() as watch:
-                lr = self.reference.lr_at(iteration, **SCHEDULE)
-                self.reference.train_step(state["model"], state["optimizer"], x, y, lr, 1.0)
-            state["iteration"] += 1
-            if index >= warmup:
-                samples.append(watch.sample)
-        return samples
+    def _optimizer(self, model):
+        return self.reference.make_optimizer(model, SCHEDULE["lr"], (0.9, 0.99), 0.1)
 
-    def drop_training_state(self) -> None:
-        self.states.clear()
-        gc.collect()
+    def _array(self, array):
+        return self.torch.from_numpy(array)
 
-    def generate(self, preset: str, batch_size: int, new_tokens: int, use_cache: bool, prompt_tokens: int) -> tuple:
-        key = ("generate", preset)
-        if key not in self.states:
-            self.states[key] = self._model(preset, CONFIGS["CPU"], GENERATION_BLOCK).eval()
-        model = self.states[key]
-        prompt = self.torch.from_numpy(self.np.random.default_rng(0).integers(0, VOCAB_SIZE,
-                                                                              (batch_size, prompt_tokens)))
-        with Stopwatch() as watch:
-            model.generate(prompt, new_tokens, temperature=0.0, use_cache=use_cache)
-        return watch.sample
+    def _train_step(self, model, optimizer, iteration: int, x, y) -> None:
+        self.reference.train_step(model, optimizer, x, y, self.reference.lr_at(iteration, **SCHEDULE), 1.0)
 
-    def attention(self, T: int, backward: bool, reps: int) -> list[tuple]:
-        attention = load_bench_module("attention")
-        run = attention_op(attention.run_torch, attention.make_inputs(1, 8, T, 64), backward)
-        run()  # warm-up
-        samples = []
-        for _ in range(reps):
-            with Stopwatch() as watch:
-                run()
-            samples.append(watch.sample)
-        return samples
+    def _attention_op(self, attention, T: int, backward: bool):
+        return attention_op(attention.run_torch, attention.make_inputs(1, 8, T, 64), backward)
 
     def attention_peak_memory(self, T: int) -> int | None:
         torch = self.torch
