@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import tinytf  # noqa: E402
 from tinytf.attention import scaled_dot_product_attention  # noqa: E402
-from tinytf.attention import flash  # noqa: E402
+from tinytf.attention import AUTO_FLASH_MIN_SCORES, flash  # noqa: E402
 
 try:
     import torch
@@ -137,7 +137,7 @@ def table(args):
     B, H, d = 1, args.heads, args.head_dim
     with_torch = torch is not None and not args.no_torch
     print(f"causal attention, B={B}, H={H}, d={d}, float32; times in s (median of {args.reps}, runs interleaved); "
-          f"flash tiles (Br, Bc)={flash.default_tile_sizes(1, d)}, threads={flash.NUM_THREADS or flash._cpu_count()}")
+          f"flash tiles (Br, Bc)={flash.default_tile_sizes(1, d)}, threads={tinytf.get_num_threads()}")
     header = ["T", "naive fwd", "naive f+b", "naive peak", "flash fwd", "flash f+b", "flash peak",
               "flash peak / naive scores", "naive/flash f+b"]
     if with_torch:
@@ -199,6 +199,26 @@ def tiles(args):
         print(f"| {Br} | " + " | ".join(fmt_time(times.get((Br, Bc))) for Bc in args.sizes) + " |")
 
 
+def auto(args):
+    """Forward+backward of flash and naive at the short lengths where "auto" switches between them: the ratio
+    flash / naive crosses 1 near the threshold tinytf.attention.AUTO_FLASH_MIN_SCORES should be set to."""
+    lengths = args.T if args.T != DEFAULT_T else [128, 192, 256, 320, 384, 512]
+    B, H, d = args.batch, args.heads, args.head_dim
+    print(f"causal forward+backward, B={B}, H={H}, d={d}: median of {args.reps} (interleaved), s; "
+          f"auto switches to flash at T * S >= {AUTO_FLASH_MIN_SCORES}")
+    print("| T | naive f+b | flash f+b | flash / naive | auto picks |")
+    print("|---|---|---|---|---|")
+    for T in lengths:
+        arrays = make_inputs(B, H, T, d)
+        closures = {backend: run_tinytf(backend, arrays, True) for backend in ("naive", "flash")}
+        for closure in closures.values():
+            closure()  # warm-up
+        times = median_times(closures, args.reps)
+        picked = "flash" if T * T >= AUTO_FLASH_MIN_SCORES else "naive"
+        print(f"| {T} | {fmt_time(times['naive'])} | {fmt_time(times['flash'])} | "
+              f"{fmt_ratio(times['flash'], times['naive'])} | {picked} |", flush=True)
+
+
 def blas_threads(args):
     """Run many matmuls of each size and read the CPU time of the process's other threads (BLAS's workers) from
     /proc: it stays 0 for sizes BLAS keeps on the calling thread. Independent of load from other processes."""
@@ -235,6 +255,7 @@ def main():
     parser.add_argument("--T", type=int, nargs="+", default=DEFAULT_T, help="sequence lengths")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per cell (the median is shown)")
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1, help="batch size for --auto (the table uses 1)")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--no-torch", action="store_true", help="leave out torch even when it is installed")
     parser.add_argument("--threads", type=int, default=None,
@@ -245,7 +266,7 @@ def main():
     parser.add_argument("--blas", action="store_true", help="which matmul sizes BLAS runs on its own threads")
     args = parser.parse_args()
     if args.threads:
-        flash.NUM_THREADS = args.threads
+        tinytf.set_num_threads(args.threads)
         if torch is not None:
             torch.set_num_threads(args.threads)
     print(f"numpy {np.__version__}" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)"

@@ -39,7 +39,7 @@ def main() -> None:
     import transformers
 
     import tinytf
-    from tinytf.models import from_pretrained
+    from tinytf.interop import from_pretrained
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

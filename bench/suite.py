@@ -241,13 +241,9 @@ class TinytfRunner(Runner):
             self._limits = threadpool_limits(threads, user_api="blas")  # kept for the worker's lifetime
         except ImportError:
             pass
-        from tinytf.attention import flash
-
-        flash.NUM_THREADS = threads  # the flash backend's own worker threads (default: one per core)
+        tinytf.set_num_threads(threads)  # the flash backend's own worker threads (default: one per core)
 
     def info(self) -> dict:
-        from tinytf.attention import flash
-
         info = {"numpy": self.np.__version__, "tinytf": self.tinytf.__version__}
         try:
             from threadpoolctl import threadpool_info
@@ -258,7 +254,7 @@ class TinytfRunner(Runner):
             info["threads"] = blas[0]["num_threads"] if blas else None
         except ImportError:
             info["blas"], info["threads"] = "unknown (pip install threadpoolctl to see it)", None
-        info["blas"] += f"; flash attention: {flash.NUM_THREADS} worker threads"
+        info["blas"] += f"; flash attention: {self.tinytf.get_num_threads()} worker threads"
         return info
 
     def _build(self, config):

@@ -6,7 +6,7 @@
 import math
 
 import tinytf
-import tinytf.functional as F
+import tinytf.nn.functional as F
 
 tinytf.manual_seed(0)
 x = tinytf.arange(-math.pi, math.pi, 0.05).reshape(-1, 1)

@@ -130,6 +130,15 @@ def test_bad_arguments_and_missing_checkpoint(tmp_path, text_file, capsys):
         train_module.main(["--n-layer", "many"])
 
 
+def test_training_leaves_its_arguments_unchanged(tmp_path, text_file):
+    args = train_module.build_parser().parse_args([*TINY, "--data", str(text_file), "--out", str(tmp_path / "run"),
+                                                   "--iters", "2"])
+    given = dict(vars(args))
+    assert train_module.train(args) == 0
+    assert vars(args) == given and args.warmup_iters is None
+    assert load_checkpoint(tmp_path / "run").meta["train_args"]["warmup_iters"] == 0  # the default, resolved
+
+
 def test_corrupt_checkpoint_is_reported_on_resume(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0

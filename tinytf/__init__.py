@@ -1,12 +1,18 @@
 """tinytf: a small deep-learning framework on NumPy (CPU) and CuPy (GPU), written to be read.
 
-    backend -> tensor (autograd engine) -> functional (ops) -> nn (modules) -> models -> training, sampling, CLI
+    backend -> tensor (autograd engine) -> functional (ops) -> attention -> nn (modules) -> models -> interop,
+    training, sampling, CLI
+
+`import tinytf` loads the engine and the ops; tinytf.nn, tinytf.optim, tinytf.models and the other subpackages load
+on first use (PEP 562), as attributes, the way `import torch` gives torch.nn and torch.optim.
 """
+
+import importlib
 
 import numpy as np
 
 from . import backend, functional
-from .backend import is_available, manual_seed
+from .backend import get_num_threads, is_available, manual_seed, set_num_threads
 from .creation import (
     arange,
     full,
@@ -28,3 +34,16 @@ float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("
 int32, int64, bool_ = np.dtype("int32"), np.dtype("int64"), np.dtype("bool")
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("attention", "checkpoint", "data", "distributed", "interop", "kernels", "models", "nn", "optim",
+               "testing")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tinytf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBMODULES])

@@ -7,12 +7,12 @@ This is the only module that knows CuPy exists. Everything else asks for the arr
 from __future__ import annotations
 
 import importlib
+import os
 import re
 
 import numpy as np
 
 DEFAULT_DTYPE = np.dtype(np.float32)
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 _cupy = None
 _cupy_import_error: BaseException | None = None
@@ -134,8 +134,26 @@ def as_dtype(dtype) -> np.dtype:
         raise TypeError(f"unknown dtype {dtype!r}: {error}") from None
 
 
-def float_dtypes() -> tuple[np.dtype, ...]:
-    return _FLOAT_DTYPES
+_num_threads: int | None = None
+
+
+def set_num_threads(n: int | None) -> None:
+    """How many worker threads tinytf's own CPU kernels (the flash attention backend) may use; None: one per core
+    this process may run on. BLAS keeps its own setting (OPENBLAS_NUM_THREADS, or threadpoolctl)."""
+    global _num_threads
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"set_num_threads: expected a positive integer or None, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The worker threads tinytf's CPU kernels use (see set_num_threads)."""
+    if _num_threads is not None:
+        return _num_threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 _generators: dict[str, object] = {}

@@ -14,8 +14,8 @@ import numpy as np
 
 from . import backend
 from .checkpoint import CheckpointError
-from .models import from_pretrained
-from .train import UserError, load_trained_model
+from .cli import UserError, command_line, load_trained_model
+from .interop import from_pretrained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,13 +122,9 @@ class TokenizerFile:
         return self._tokenizer.decode([int(token) for token in ids])
 
 
+@command_line("tinytf.sample")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        sample(args)
-    except UserError as error:
-        print(f"tinytf.sample: error: {error}", file=sys.stderr)
-        return 2
+    sample(build_parser().parse_args(argv))
     return 0
 
 

@@ -210,15 +210,11 @@ class Tensor:
         # A node may feed several later nodes; its gradient is the sum over all of them, so it must be complete
         # before the node passes it on. Visiting nodes in reverse topological order guarantees that every consumer
         # of a node has already contributed when the node itself is reached.
-        pending = {id(self): grad}
-        owned: set[int] = set()  # keys of `pending` whose array this pass allocated, so it may add into it in place
+        grads = GradientSums(self, grad)
         for node in reversed(_topological_order(self)):
-            node_grad = pending.pop(id(node), None)
-            owned.discard(id(node))
+            node_grad = grads.pop(node)
             if node_grad is None:
                 continue
-            if isinstance(node_grad, SliceGrad):
-                node_grad = node_grad.dense()
             creator = node._creator
             if creator is None or node._retains_grad:
                 node._accumulate_grad(node_grad)
@@ -233,9 +229,8 @@ class Tensor:
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             for parent, parent_grad in zip(creator.inputs, input_grads):
-                if parent_grad is None or not parent.requires_grad:
-                    continue
-                _add_pending(pending, owned, id(parent), parent_grad)
+                if parent_grad is not None and parent.requires_grad:
+                    grads.add(parent, parent_grad)
             if not retain_graph:
                 creator.release()
 
@@ -293,25 +288,46 @@ class SliceGrad:
         return full
 
 
-def _add_pending(pending: dict, owned: set, key: int, grad) -> None:
-    """pending[key] += grad. Arrays that ops returned may be shared (Add hands one array to both inputs), so the
-    first sum goes into a new array; only arrays this pass allocated (`owned`) are added into in place."""
-    total = pending.get(key)
-    if total is None:
-        pending[key] = grad
-        return
-    if key not in owned:
+class GradientSums:
+    """The gradient flowing into each node of one backward pass, summed over the node's consumers as they report.
+
+    Arrays that ops return may be shared (Add hands one array to both inputs), so a node's first sum goes into a new
+    array, and only arrays allocated here are added into in place. A SliceGrad stays sparse while it is alone, and
+    later slices of the same node are written into one buffer.
+    """
+
+    def __init__(self, root: Tensor, grad):
+        self._sums = {id(root): grad}
+        self._owned: set[int] = set()  # ids whose sum is an array this pass allocated
+
+    def add(self, node: Tensor, grad) -> None:
+        key = id(node)
+        total = self._sums.get(key)
+        if total is None:
+            self._sums[key] = grad
+            return
+        if key not in self._owned:
+            total = self._sums[key] = self._fresh_sum(total, grad)
+            self._owned.add(key)
+        if isinstance(grad, SliceGrad):
+            total[grad.index] += grad.values
+        else:
+            total += grad
+
+    def pop(self, node: Tensor):
+        """The complete gradient of `node` as a dense array (None if nothing flowed into it), forgotten here."""
+        self._owned.discard(id(node))
+        total = self._sums.pop(id(node), None)
+        return total.dense() if isinstance(total, SliceGrad) else total
+
+    @staticmethod
+    def _fresh_sum(total, grad):
+        """A new dense array holding `total`, in the dtype that can hold total + grad."""
         values = grad.values if isinstance(grad, SliceGrad) else grad
         xp = backend.get_array_module(values)
         dtype = xp.result_type(total.values if isinstance(total, SliceGrad) else total, values)
         # xp.array, not astype: ops on 0-d arrays return NumPy scalars, which cannot be added into
-        total = total.dense(dtype) if isinstance(total, SliceGrad) else xp.array(total, dtype=dtype, copy=True)
-        pending[key] = total
-        owned.add(key)
-    if isinstance(grad, SliceGrad):
-        total[grad.index] += grad.values
-    else:
-        total += grad
+        return total.dense(dtype) if isinstance(total, SliceGrad) else xp.array(total, dtype=dtype, copy=True)
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:

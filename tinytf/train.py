@@ -19,23 +19,21 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from . import backend, distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, save_checkpoint
+from .cli import UserError, command_line, load_trained_model
 from .data import BatchSampler, CharTokenizer, TokenDataset, default_corpus, prepare_dataset, read_text
 from .models import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
 from .tensor import no_grad
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "mlp_hidden")
-
-
-class UserError(Exception):
-    """A problem with the command line, the data or a checkpoint: reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warmup_iters(args: argparse.Namespace) -> int:
+    """--warmup-iters, or by default 100 steps (iters // 20 for runs shorter than 2,000 steps)."""
+    return min(100, args.iters // 20) if args.warmup_iters is None else args.warmup_iters
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "iters", "eval_interval", "eval_iters")
     for name in positive:
@@ -91,9 +94,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--n-kv-head must be at least 1, got {args.n_kv_head}")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.warmup_iters is None:
-        args.warmup_iters = min(100, args.iters // 20)
-    if not 0 <= args.warmup_iters <= args.iters:
+    if not 0 <= warmup_iters(args) <= args.iters:
         raise UserError(f"--warmup-iters must be between 0 and --iters ({args.iters}), got {args.warmup_iters}")
     for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
         if not getattr(args, name) >= 0:
@@ -160,9 +161,96 @@ def load_dataset(args: argparse.Namespace) -> TokenDataset:
     return dataset if dataset is not None else TokenDataset.open(folder)
 
 
-# --- checkpoints ------------------------------------------------------------------------------------------------------
-def save_run(out: Path, model: GPT, optimizer: AdamW, samplers: dict, tokenizer: CharTokenizer, iteration: int,
-             args: argparse.Namespace, best_val: float) -> None:
+def rank_batch(sampler: BatchSampler, split: str, device: str):
+    """This rank's rows of the sampler's next global batch of `split`, on `device`: inputs and targets, (b, T)."""
+    x, y = (distributed.shard(rows) for rows in sampler.get_batch(split))
+    return backend.to_device(x, device), backend.to_device(y, device)
+
+
+# --- the run: set up fresh, or restored from a checkpoint -------------------------------------------------------------
+@dataclass
+class Run:
+    """What the training loop works on; `start` and `best_val` come from the checkpoint on --resume."""
+
+    args: argparse.Namespace
+    warmup_iters: int
+    device: str
+    model: GPT
+    optimizer: AdamW
+    averager: distributed.GradientAverager
+    samplers: dict[str, BatchSampler]  # "train" for the steps, "eval" for estimate_loss
+    tokenizer: CharTokenizer
+    start: int = 0  # the first iteration to run
+    best_val: float = math.inf
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * distributed.world_size() * self.model.config.block_size
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.args.out / "metrics.jsonl"
+
+
+def set_up_run(args: argparse.Namespace) -> Run:
+    """Data, model, optimizer and samplers of a new run, or of the run saved in --out on --resume."""
+    try:
+        device = backend.check_device(rank_device(args.device))
+        args.out.mkdir(parents=True, exist_ok=True)
+        dataset = load_dataset(args)
+    except (OSError, ValueError, RuntimeError) as error:  # a bad data file, an unusable device or MPI
+        raise UserError(str(error)) from None
+    backend.manual_seed(args.seed)
+    if args.resume:
+        model, _, checkpoint = load_trained_model(args.out, device)
+        model.train()
+    else:
+        overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
+        config = GPTConfig.from_preset(args.preset, vocab_size=dataset.tokenizer.vocab_size, **overrides)
+        model = GPT(config).to(device)
+        seed_rank_dropout(args.seed)
+    distributed.broadcast_parameters(model.parameters())  # equal by the shared seed already; now certainly
+    world = distributed.world_size()
+    global_batch_size = args.batch_size * world  # every rank draws the global batch and keeps its own rows
+    block_size = model.config.block_size
+    run = Run(
+        args=args,
+        warmup_iters=warmup_iters(args),
+        device=device,
+        model=model,
+        optimizer=AdamW(weight_decay_groups(model.parameters(), args.weight_decay), lr=args.lr,
+                        betas=(args.beta1, args.beta2)),
+        averager=distributed.GradientAverager(model.parameters()),
+        samplers={"train": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed),
+                  "eval": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed + 1)},
+        tokenizer=dataset.tokenizer,
+    )
+    if args.resume:
+        restore_run(run, checkpoint)
+    config = model.config
+    announce(f"model: {args.preset if not args.resume else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
+             f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
+             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
+    if world > 1:
+        announce(f"data parallel: {world} ranks x {args.batch_size} sequences = {global_batch_size} sequences "
+                 f"({run.tokens_per_step:,} tokens) per step")
+    return run
+
+
+def restore_run(run: Run, checkpoint: Checkpoint) -> None:
+    """Continue where the checkpoint stands: its iteration, best loss, optimizer state, dropout and batch streams."""
+    run.start = checkpoint.meta["iteration"] + 1
+    run.best_val = checkpoint.meta["best_val_loss"]
+    if checkpoint.optimizer_state is None:
+        raise UserError(f"the checkpoint in {run.args.out} has no optimizer state to resume from")
+    run.optimizer.load_state_dict(checkpoint.optimizer_state)
+    restore_dropout_rng(checkpoint.meta["rng"], run.args.seed)
+    for name, sampler in run.samplers.items():
+        sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
+    announce(f"resumed from {run.args.out} at iteration {run.start}")
+
+
+def save_run(run: Run, iteration: int) -> None:
     """Everything needed to continue exactly where the run stands after `iteration` steps.
 
     Called on every rank, since each one adds its dropout generator's state; only the main rank writes.
@@ -170,31 +258,18 @@ def save_run(out: Path, model: GPT, optimizer: AdamW, samplers: dict, tokenizer:
     dropout_states = distributed.gather_object(backend.get_rng_state())
     if not distributed.is_main():
         return
+    train_args = {**vars(run.args), "warmup_iters": run.warmup_iters}
     meta = {
-        "config": model.config.to_dict(),
-        "tokenizer": tokenizer.to_dict(),
+        "config": run.model.config.to_dict(),
+        "tokenizer": run.tokenizer.to_dict(),
         "iteration": iteration,
-        "best_val_loss": best_val,
-        "train_args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "best_val_loss": run.best_val,
+        "train_args": {key: str(value) if isinstance(value, Path) else value for key, value in train_args.items()},
         "rng": {"tinytf": dropout_states[0], "tinytf_other_ranks": dropout_states[1:],
-                **{f"sampler_{name}": sampler.state_dict() for name, sampler in samplers.items()}},
+                **{f"sampler_{name}": sampler.state_dict() for name, sampler in run.samplers.items()}},
     }
-    save_checkpoint(out, {name: backend.to_numpy(a) for name, a in model.state_dict().items()}, meta,
-                    optimizer.state_dict())
-
-
-def load_trained_model(folder: Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, meta) from a checkpoint folder; UserError when it is missing or corrupt."""
-    try:
-        checkpoint = load_checkpoint(folder)
-        meta = checkpoint.meta
-        config = GPTConfig(**meta["config"])
-        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-        model = GPT(config)
-        model.load_state_dict(checkpoint.weights)
-    except (CheckpointError, KeyError, TypeError, ValueError) as error:
-        raise UserError(f"cannot load the checkpoint in {folder}: {error}") from None
-    return model.to(device).eval(), tokenizer, checkpoint
+    save_checkpoint(run.args.out, {name: backend.to_numpy(a) for name, a in run.model.state_dict().items()}, meta,
+                    run.optimizer.state_dict())
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
@@ -207,11 +282,36 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, device: st
     totals = np.zeros(len(splits))
     for index, split in enumerate(splits):
         for _ in range(eval_iters):
-            x, y = (distributed.shard(rows) for rows in sampler.get_batch(split))
-            totals[index] += model(backend.to_device(x, device), backend.to_device(y, device))[1].item()
+            totals[index] += model(*rank_batch(sampler, split, device))[1].item()
     model.train()
     distributed.all_reduce(totals, op="mean")
     return {split: float(total / eval_iters) for split, total in zip(splits, totals)}
+
+
+def train_step(run: Run, lr: float) -> float:
+    """One optimizer step at learning rate `lr` on the next training batch; returns this rank's loss before it."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    _, loss = run.model(*rank_batch(run.samplers["train"], "train", run.device))
+    run.optimizer.zero_grad()
+    loss.backward()
+    run.averager.average()  # data parallel: every rank now holds the gradient of the whole global batch
+    if run.args.grad_clip > 0:
+        clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.optimizer.step()
+    return loss.item()
+
+
+def evaluate_and_save(run: Run, iteration: int, lr: float, tokens_per_s: float, elapsed_s: float) -> None:
+    """After `iteration`: estimate both losses, append them to metrics.jsonl, print them and write a checkpoint."""
+    losses = estimate_loss(run.model, run.samplers["eval"], run.args.eval_iters, run.device)
+    run.best_val = min(run.best_val, losses["val"])
+    record = {"iter": iteration + 1, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+              "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}
+    if distributed.is_main():
+        append_metrics(run.metrics_path, record)
+    announce(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    save_run(run, iteration)
 
 
 class StopRequest:
@@ -263,120 +363,48 @@ def plot_losses(metrics_path: Path, image_path: Path) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    """The training loop; returns the exit status: 0 done, 1 the loss diverged, 130 interrupted (checkpoint saved)."""
     check_arguments(args)
-    try:
-        world = distributed.world_size()
-        device = backend.check_device(rank_device(args.device))
-        args.out.mkdir(parents=True, exist_ok=True)
-        dataset = load_dataset(args)
-    except (OSError, ValueError, RuntimeError) as error:  # a bad data file, an unusable device or MPI
-        raise UserError(str(error)) from None
-    tokenizer = dataset.tokenizer
-    backend.manual_seed(args.seed)
-
-    if args.resume:
-        model, saved_tokenizer, checkpoint = load_trained_model(args.out, device)
-        model.train()
-        start = checkpoint.meta["iteration"] + 1
-        best_val = checkpoint.meta["best_val_loss"]
-    else:
-        overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
-        config = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.vocab_size, **overrides)
-        model = GPT(config).to(device)
-        start, best_val = 0, math.inf
-        seed_rank_dropout(args.seed)
-    distributed.broadcast_parameters(model.parameters())  # equal by the shared seed already; now certainly
-    averager = distributed.GradientAverager(model.parameters())
-
-    optimizer = AdamW(weight_decay_groups(model.parameters(), args.weight_decay), lr=args.lr,
-                      betas=(args.beta1, args.beta2))
-    block_size = model.config.block_size
-    global_batch_size = args.batch_size * world  # every rank draws the global batch and keeps its own rows
-    samplers = {
-        "train": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed),
-        "eval": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed + 1),
-    }
-    if args.resume:
-        if checkpoint.optimizer_state is None:
-            raise UserError(f"the checkpoint in {args.out} has no optimizer state to resume from")
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        restore_dropout_rng(checkpoint.meta["rng"], args.seed)
-        for name, sampler in samplers.items():
-            sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
-        announce(f"resumed from {args.out} at iteration {start}")
-    config = model.config
-    announce(f"model: {args.preset if not args.resume else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
-             f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
-             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
-    tokens_per_step = global_batch_size * block_size
-    if world > 1:
-        announce(f"data parallel: {world} ranks x {args.batch_size} sequences = {global_batch_size} sequences "
-                 f"({tokens_per_step:,} tokens) per step")
-
-    metrics_path = args.out / "metrics.jsonl"
+    run = set_up_run(args)
     started = time.perf_counter()
     window_start, window_steps = started, 0
-    last_loss = float("nan")
-    iteration = start - 1
-    with StopRequest() as stop, tqdm(range(start, args.iters), initial=start, total=args.iters, unit="step",
+    with StopRequest() as stop, tqdm(range(run.start, args.iters), initial=run.start, total=args.iters, unit="step",
                                       mininterval=1.0, dynamic_ncols=True,
                                       disable=not distributed.is_main()) as progress:
         for iteration in progress:
-            lr = lr_at(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=args.warmup_iters,
+            lr = lr_at(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=run.warmup_iters,
                        decay_iters=args.iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = (distributed.shard(rows) for rows in samplers["train"].get_batch("train"))
-            _, loss = model(backend.to_device(x, device), backend.to_device(y, device))
-            last_loss, stop_requested = agree_on_step(loss.item(), stop.requested)
-            if not math.isfinite(last_loss):
+            loss, stop_requested = agree_on_step(train_step(run, lr), stop.requested)
+            if not math.isfinite(loss):
                 progress.close()
-                announce(f"stopping: the loss became {last_loss} at iteration {iteration}; "
+                announce(f"stopping: the loss became {loss} at iteration {iteration}; "
                          f"the last good checkpoint in {args.out} is kept", file=sys.stderr)
                 return 1
-            optimizer.zero_grad()
-            loss.backward()
-            averager.average()
-            if args.grad_clip > 0:
-                clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
             window_steps += 1
             now = time.perf_counter()
-            tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
-            progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            tokens_per_s = window_steps * run.tokens_per_step / max(now - window_start, 1e-9)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
 
             last_step = iteration == args.iters - 1
             if (iteration + 1) % args.eval_interval == 0 or last_step:
-                losses = estimate_loss(model, samplers["eval"], args.eval_iters, device)
-                best_val = min(best_val, losses["val"])
-                record = {"iter": iteration + 1, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                          "tokens_per_s": tokens_per_s, "elapsed_s": now - started}
-                if distributed.is_main():
-                    append_metrics(metrics_path, record)
-                announce(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                save_run(args.out, model, optimizer, samplers, tokenizer, iteration, args, best_val)
+                evaluate_and_save(run, iteration, lr, tokens_per_s, elapsed_s=now - started)
                 window_start, window_steps = time.perf_counter(), 0
             if stop_requested and not last_step:
-                save_run(args.out, model, optimizer, samplers, tokenizer, iteration, args, best_val)
+                save_run(run, iteration)
                 progress.close()
                 announce(f"interrupted: saved a checkpoint at iteration {iteration + 1} in {args.out}; "
                          "continue with --resume")
                 return 130
-    if distributed.is_main() and metrics_path.exists():
-        plot_losses(metrics_path, args.out / "loss.png")
-    announce(f"done: {args.iters} iterations in {time.perf_counter() - started:.1f} s, best val loss {best_val:.4f}; "
-             f"sample with: python -m tinytf.sample --ckpt {args.out}")
+    if distributed.is_main() and run.metrics_path.exists():
+        plot_losses(run.metrics_path, args.out / "loss.png")
+    announce(f"done: {args.iters} iterations in {time.perf_counter() - started:.1f} s, "
+             f"best val loss {run.best_val:.4f}; sample with: python -m tinytf.sample --ckpt {args.out}")
     return 0
 
 
+@command_line("tinytf.train")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        exit_status = train(args)
-    except UserError as error:
-        print(f"tinytf.train: error: {error}", file=sys.stderr)
-        distributed.abort_job(2)  # in a data-parallel run the other ranks may be waiting for this one
-        return 2
+    exit_status = train(build_parser().parse_args(argv))
     # Under `python -m mpi4py` a rank that exits non-zero (1: NaN, 130: interrupted) ends the whole job at once, so
     # no rank leaves before the main rank has written its checkpoint.
     distributed.barrier()

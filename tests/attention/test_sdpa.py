@@ -183,6 +183,27 @@ def test_a_single_causal_query_sees_every_key(backend):
         np.testing.assert_allclose(out.numpy(), reference_attention(q, k, v, attn_mask=mask), rtol=1e-12)
 
 
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_dropout_zeroes_attention_weights_and_scales_the_rest(p):
+    """With V = the identity, the output rows are the attention weights: each is dropped or divided by 1 - p."""
+    B, Hq, Hkv, T, S = 2, 4, 2, 5, 7
+    q, k, _, _ = random_qkv(B, Hq, Hkv, T, S, S)
+    v = np.broadcast_to(np.eye(S), (B, Hkv, S, S)).copy()
+    weights = reference_attention(q, k, v, is_causal=True)
+    tinytf.manual_seed(0)
+    dropped = scaled_dot_product_attention(*tensors(q, k, v), dropout_p=p, is_causal=True).numpy()
+    kept = dropped != 0
+    np.testing.assert_allclose(dropped[kept], weights[kept] / (1 - p), rtol=1e-12)
+    visible = weights > 0
+    assert 0.5 * p < 1 - kept[visible].mean() < 1.5 * p, "about a fraction p of the weights must be dropped"
+
+
+@pytest.mark.parametrize("backend", ["flash", "cuda"])
+def test_dropout_is_refused_by_the_tiled_backends(backend):
+    with pytest.raises(ValueError, match="no dropout"):
+        sdpa_shapes((1, 2, 4, 8), (1, 2, 4, 8), dropout_p=0.1, backend=backend)
+
+
 def test_a_decoding_step_builds_no_causal_mask(monkeypatch):
     import tinytf.attention as attention
 
@@ -193,10 +214,13 @@ def test_a_decoding_step_builds_no_causal_mask(monkeypatch):
     assert seen == [False, True]
 
 
-def test_functional_reexports_the_op():
-    import tinytf.functional as F
+def test_nn_functional_holds_the_ops_and_attention():
+    import tinytf.functional as ops
+    import tinytf.nn.functional as F
 
     assert F.scaled_dot_product_attention is scaled_dot_product_attention
+    assert all(getattr(F, name) is getattr(ops, name) for name in ops.__all__)
+    assert not hasattr(ops, "scaled_dot_product_attention"), "the op layer must not reach up into attention"
 
 
 # --- errors -------------------------------------------------------------------------------------------------------

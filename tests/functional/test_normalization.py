@@ -6,18 +6,23 @@ from op_check import check_op, random_array
 
 import tinytf
 import tinytf.functional as F
+from tinytf.functional.normalization import (
+    layer_norm_study_backward,
+    layer_norm_study_forward,
+    rms_norm_study_backward,
+    rms_norm_study_forward,
+)
 
 seeds = st.integers(0, 2**32 - 1)
 leading_dims = st.lists(st.integers(1, 3), max_size=2)
 
 
-def _layer_norm(x, w=None, b=None, eps=1e-5):
-    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
-    return y * (1 if w is None else w) + (0 if b is None else b)
+def _layer_norm(x, w=None, b=None):
+    return layer_norm_study_forward(x, w, b)[0]
 
 
-def _rms_norm(x, w=None, eps=1e-6):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (1 if w is None else w)
+def _rms_norm(x, w=None):
+    return rms_norm_study_forward(x, w)[0]
 
 
 @given(seed=seeds, leading=leading_dims, width=st.integers(2, 8), affine=st.sampled_from(["none", "weight", "both"]))
@@ -41,21 +46,35 @@ def test_rms_norm_matches_reference(seed, leading, width, weighted):
         check_op(lambda x: F.rms_norm(x, width), _rms_norm, x)
 
 
-@given(seed=seeds)
-def test_fused_layer_norm_backward_equals_composed_ops(seed):
-    x = tinytf.tensor(random_array(seed, (3, 6)), requires_grad=True)
-    w = tinytf.tensor(random_array(seed + 1, (6,)), requires_grad=True)
-    b = tinytf.tensor(random_array(seed + 2, (6,)), requires_grad=True)
-    upstream = random_array(seed + 3, (3, 6))
-    F.layer_norm(x, 6, w, b).backward(upstream)
-    fused = [t.grad.copy() for t in (x, w, b)]
-    for t in (x, w, b):
-        t.grad = None
+def _composed_layer_norm(x, w, b):
+    """Layer norm from primitive Tensor ops, for autograd to differentiate."""
     centered = x - x.mean(-1, keepdims=True)
-    composed = centered * ((centered * centered).mean(-1, keepdims=True) + 1e-5).rsqrt() * w + b
-    composed.backward(upstream)
-    for got, t in zip(fused, (x, w, b)):
-        np.testing.assert_allclose(got, t.grad, rtol=1e-9, atol=1e-12)
+    return centered * ((centered * centered).mean(-1, keepdims=True) + 1e-5).rsqrt() * w + b
+
+
+def _composed_rms_norm(x, w):
+    return x * ((x * x).mean(-1, keepdims=True) + 1e-6).rsqrt() * w
+
+
+# norm: (study forward, study backward, the same norm from primitive ops, how many inputs: x, w[, b])
+STUDY_AND_COMPOSED = {
+    "layer_norm": (layer_norm_study_forward, layer_norm_study_backward, _composed_layer_norm, 3),
+    "rms_norm": (rms_norm_study_forward, rms_norm_study_backward, _composed_rms_norm, 2),
+}
+
+
+@pytest.mark.parametrize("norm", sorted(STUDY_AND_COMPOSED))
+@given(seed=seeds, leading=leading_dims)
+def test_study_backward_equals_autograd_of_composed_ops(norm, seed, leading):
+    study_forward, study_backward, composed, count = STUDY_AND_COMPOSED[norm]
+    arrays = [random_array(seed, (*leading, 6))] + [random_array(seed + 1 + i, (6,)) for i in range(count - 1)]
+    upstream = random_array(seed + count, (*leading, 6))
+    _, x_hat, rstd = study_forward(*arrays)
+    study = study_backward(upstream, x_hat, rstd, arrays[1])
+    tensors = [tinytf.tensor(a, requires_grad=True) for a in arrays]
+    composed(*tensors).backward(upstream)
+    for got, tensor in zip(study, tensors):
+        np.testing.assert_allclose(got, tensor.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_norm_errors_name_shapes():

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tinytf.attention.cuda import FlashAttentionKernels
-from tinytf.cuda_emulator import SCHEDULES, EmulatedModule
+from tinytf.kernels.emulator import SCHEDULES, EmulatedModule
 from tinytf.kernels import FLASH_ATTENTION_SOURCE, compile_gate, flash_attention_variant
 
 EMULATED_HEAD_DIMS = (16, 64, 128)

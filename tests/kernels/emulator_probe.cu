@@ -1,4 +1,4 @@
-// Small kernels that exercise tinytf.cuda_emulator: what it must compute, and what it must report.
+// Small kernels that exercise tinytf.kernels.emulator: what it must compute, and what it must report.
 // test_cuda_emulator.py looks up the line numbers of the marked lines (// REPORTED: ...) to check the file:line in
 // the emulator's messages.
 

@@ -1,4 +1,4 @@
-"""The emulator must catch real kernel bugs: each test breaks a copy of kernels/flash_attention.cu in one place.
+"""The emulator must catch real kernel bugs: each test breaks a copy of tinytf/kernels/flash_attention.cu in one place.
 
 The copies are made by editing the source text (the kernel carries no test switches), so a test fails loudly if the
 line it breaks is ever rewritten. Outcomes per schedule are printed in the terminal summary. Lockstep may miss a
@@ -14,7 +14,7 @@ import pytest
 
 from kernels.flash_cases import assert_matches_reference, make_case
 from tinytf.attention.cuda import FlashAttentionKernels
-from tinytf.cuda_emulator import SCHEDULES, EmulatedModule, EmulatorError, cache_dir
+from tinytf.kernels.emulator import SCHEDULES, EmulatedModule, EmulatorError, cache_dir
 from tinytf.kernels import FLASH_ATTENTION_SOURCE, flash_attention_variant
 
 HEAD_DIM = 16

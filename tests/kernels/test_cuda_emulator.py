@@ -1,4 +1,4 @@
-"""tinytf.cuda_emulator on the small kernels of emulator_probe.cu: what it computes, reports and refuses."""
+"""tinytf.kernels.emulator on the small kernels of emulator_probe.cu: what it computes, reports and refuses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinytf.cuda_emulator import SCHEDULES, EmulatedModule, EmulatorError
+from tinytf.kernels.emulator import SCHEDULES, EmulatedModule, EmulatorError
 
 PROBE = Path(__file__).with_name("emulator_probe.cu")
 

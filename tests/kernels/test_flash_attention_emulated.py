@@ -1,4 +1,4 @@
-"""kernels/flash_attention.cu run on the CPU by tinytf.cuda_emulator, against a float64 reference.
+"""tinytf/kernels/flash_attention.cu run on the CPU by tinytf.kernels.emulator, against a float64 reference.
 
 Every launch goes through FlashAttentionKernels, the code that launches the kernels on a GPU, with outputs filled
 with NaN before each launch, so an element a kernel fails to write shows. Lockstep covers the whole grid; the three

@@ -30,10 +30,10 @@ HOST_SIDE_MODULES = {
     "sample.py": "command line: tokenizing text on the host",
     "train.py": "command line: loss bookkeeping and seeds on the host",
     "checkpoint.py": "safetensors files hold host arrays",
-    "models/hf.py": "reads and writes checkpoint files, host arrays",
+    "interop/hf.py": "reads and writes checkpoint files, host arrays",
     "nn/layers.py": "makes parameters on the host (Module.to moves them); forward passes use tinytf.functional",
     "models/sampling.py": "samples from a host copy of the last position's logits",
-    "cuda_emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
+    "kernels/emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
 }
 
 ALLOWED_CALLS = {

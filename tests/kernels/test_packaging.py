@@ -19,8 +19,7 @@ def build_wheel(tmp_path: Path) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPOSITORY / name, source / name)
-    for folder in ("tinytf", "kernels"):
-        shutil.copytree(REPOSITORY / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(REPOSITORY / "tinytf", source / "tinytf", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     # Reuse the installed setuptools when it can build wheels itself: an isolated build environment costs ~15 s.
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools.command.bdist_wheel") else []
     result = subprocess.run(
@@ -40,13 +39,13 @@ def test_the_wheel_carries_the_kernels_and_finds_them_when_installed(tmp_path):
                       for path in (REPOSITORY / "tinytf").rglob("__init__.py") if "__pycache__" not in path.parts)
     expected = {f"{package}/__init__.py" for package in packages} | {
         "tinytf/kernels/__init__.py", "tinytf/kernels/compile_gate.py", "tinytf/kernels/flash_attention.cu",
-        "tinytf/cuda_emulator/cuda_emulator.h",
+        "tinytf/kernels/emulator/cuda_emulator.h",
     }
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
 
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)  # what pip install puts in site-packages for a pure-Python wheel
-    probe = ("import tinytf.kernels as k, tinytf.cuda_emulator as e; "
+    probe = ("import tinytf.kernels as k, tinytf.kernels.emulator as e; "
              "print(k.FLASH_ATTENTION_SOURCE.resolve()); print(e.HEADER.resolve())")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(installed)})

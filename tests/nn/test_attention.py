@@ -60,32 +60,18 @@ def test_kv_cache_refuses_overflow():
         cache.append(tinytf.zeros(1, 1, 2, 2), tinytf.zeros(1, 1, 2, 2))
 
 
-def test_attention_dropout_path_equals_sdpa_at_zero_and_drops_in_training():
+def test_attention_dropout_acts_in_training_only():
     tinytf.manual_seed(0)
-    attention = nn.MultiHeadAttention(8, 4, 2, max_length=6, dropout=0.0)
-    x = tinytf.randn(1, 5, 8)
-    np.testing.assert_allclose(attention._attention_with_dropout(*_qkv(attention, x)).numpy(),
-                               _sdpa(attention, x).numpy(), rtol=1e-5, atol=1e-6)
-    attention.dropout_p = 0.5
-    x.requires_grad_()
-    dropped = attention._attention_with_dropout(*_qkv(attention, x))
-    assert not np.allclose(dropped.numpy(), _sdpa(attention, x).numpy())
+    attention = nn.MultiHeadAttention(8, 4, 2, max_length=6, dropout=0.5)
+    x = tinytf.randn(1, 5, 8, requires_grad=True)
+    evaluated = attention.eval()(x).numpy()
+    no_dropout = nn.MultiHeadAttention(8, 4, 2, max_length=6, dropout=0.0)
+    no_dropout.load_state_dict(attention.state_dict())
+    np.testing.assert_allclose(evaluated, no_dropout.train()(x).numpy(), rtol=1e-6)
+    dropped = attention.train()(x)
+    assert not np.allclose(dropped.numpy(), evaluated)
     dropped.sum().backward()
     assert np.isfinite(x.grad).all() and np.abs(x.grad).sum() > 0
-
-
-def _qkv(attention, x):
-    B, T, _ = x.shape
-    H, Hkv, D = attention.n_head, attention.n_kv_head, attention.head_dim
-    q, k, v = attention.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-    return (q.reshape(B, T, H, D).transpose(1, 2), k.reshape(B, T, Hkv, D).transpose(1, 2),
-            v.reshape(B, T, Hkv, D).transpose(1, 2))
-
-
-def _sdpa(attention, x):
-    import tinytf.functional as F
-
-    return F.scaled_dot_product_attention(*_qkv(attention, x), is_causal=True)
 
 
 def test_attention_configuration_errors():

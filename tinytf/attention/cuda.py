@@ -1,4 +1,4 @@
-"""backend="cuda": the FlashAttention-2 kernels of kernels/flash_attention.cu, launched through CuPy.
+"""backend="cuda": the FlashAttention-2 kernels of tinytf/kernels/flash_attention.cu, launched through CuPy.
 
     out = cuda_attention(q, k, v, is_causal=True, scale=0.125)    # tensors on a CUDA device in, one out
 
@@ -8,7 +8,7 @@ own). cupy.RawModule compiles a head dim's kernels on first use, cached per (hea
 of tinytf.kernels.FlashAttentionVariant: the compile gate checks exactly those builds.
 
 emulated_attention() runs the same Function on NumPy tensors, with the kernels built for the CPU by
-tinytf.cuda_emulator: slow, and the way to study and test the CUDA code without a GPU.
+tinytf.kernels.emulator: slow, and the way to study and test the CUDA code without a GPU.
 
 Inputs: q (B, Hq, T, d), k and v (B, Hkv, S, d), float32, Hq a multiple of Hkv (grouped-query attention: query head
 h reads K/V head h // (Hq // Hkv)), d one of tinytf.kernels.HEAD_DIMS. Non-contiguous inputs are copied once.
@@ -24,6 +24,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ..kernels import FLASH_ATTENTION_SOURCE, HEAD_DIMS, THREADS_PER_BLOCK, FlashAttentionVariant
+from ..kernels.emulator import EmulatedModule
 from ..tensor import Function, Tensor
 
 SUPPORTED_DTYPE = np.dtype(np.float32)
@@ -39,6 +40,26 @@ def is_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return True
 
 
+def unsupported_reason(q: Tensor, k: Tensor, device_kind: str = "cuda") -> str | None:
+    """Why the kernels cannot take q (B, Hq, T, d) and k (B, Hkv, S, d), or None when they can.
+
+    For inputs that are already valid attention inputs (scaled_dot_product_attention checked shapes, dtypes and
+    devices): only what the kernels add, their dtype, device, head dims and grid.
+    """
+    (B, Hq, T, d), S = q.shape, k.shape[2]
+    if q.dtype != SUPPORTED_DTYPE:
+        return f"the kernels take float32, but the inputs are {q.dtype}; cast with .float()"
+    if not q.device.startswith(device_kind):
+        return f"the inputs must be on {'a CUDA device' if device_kind == 'cuda' else 'the CPU'}, not {q.device}"
+    if T == 0 or S == 0 or B == 0:
+        return f"empty inputs (q {q.shape}, k {k.shape})"
+    if d not in HEAD_DIMS:
+        return f"head dim {d} has no kernel; supported: {HEAD_DIMS}"
+    if B * Hq > MAX_GRID_Y:
+        return f"batch x query heads = {B * Hq} exceeds the grid's {MAX_GRID_Y}"
+    return None
+
+
 def cuda_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scale: float,
                    key_padding_mask=None) -> Tensor:
     """softmax(scale q k^T, masked) v on a CUDA GPU: (B, Hq, T, d), (B, Hkv, S, d), (B, Hkv, S, d) -> (B, Hq, T, d).
@@ -47,13 +68,19 @@ def cuda_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scale: f
     or Tensor, True where the key may be attended. A query that sees no key gives zeros and zero gradients.
     """
     _check_inputs(q, k, v, key_padding_mask, device_kind="cuda")
+    return launch_attention(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+
+
+def launch_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scale: float,
+                     key_padding_mask=None) -> Tensor:
+    """cuda_attention for inputs already checked (scaled_dot_product_attention and unsupported_reason did)."""
     kernels = _cupy_kernels(q.shape[-1], int(q.device.split(":")[1]))
     return _apply(kernels, q, k, v, is_causal, scale, key_padding_mask)
 
 
 def emulated_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scale: float, key_padding_mask=None,
                        schedule: str = "lockstep") -> Tensor:
-    """cuda_attention on CPU tensors: the same kernels and launches, run by tinytf.cuda_emulator (needs g++)."""
+    """cuda_attention on CPU tensors: the same kernels and launches, run by tinytf.kernels.emulator (needs g++)."""
     _check_inputs(q, k, v, key_padding_mask, device_kind="cpu")
     return _apply(_emulated_kernels(q.shape[-1], schedule), q, k, v, is_causal, scale, key_padding_mask)
 
@@ -61,7 +88,7 @@ def emulated_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scal
 class FlashAttentionKernels:
     """The kernels of one head dim and how to launch them, on CuPy arrays (a GPU) or NumPy arrays (the emulator).
 
-    `module` is a cupy.RawModule or a tinytf.cuda_emulator.EmulatedModule built with `variant.options`; `device`
+    `module` is a cupy.RawModule or a tinytf.kernels.emulator.EmulatedModule built with `variant.options`; `device`
     makes the context the launches run in (the module's GPU; backward runs later, outside the caller's context).
     """
 
@@ -140,8 +167,6 @@ def _cupy_kernels(head_dim: int, device_index: int) -> FlashAttentionKernels:
 
 @functools.cache
 def _emulated_kernels(head_dim: int, schedule: str) -> FlashAttentionKernels:
-    from ..cuda_emulator import EmulatedModule  # needs g++ only when used
-
     variant = FlashAttentionVariant(head_dim)
     return FlashAttentionKernels(EmulatedModule(FLASH_ATTENTION_SOURCE, variant.options, schedule=schedule), variant)
 
@@ -186,12 +211,9 @@ def _check_inputs(q, k, v, key_padding_mask, device_kind: str) -> None:
         raise ValueError(f"cuda attention: q {q.shape} and k {k.shape} must agree on batch and head dim")
     if Hq % Hkv != 0:
         raise ValueError(f"cuda attention: {Hq} query heads are not a multiple of {Hkv} K/V heads")
-    if T == 0 or S == 0 or B == 0:
-        raise ValueError(f"cuda attention: empty inputs (q {q.shape}, k {k.shape})")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"cuda attention: head dim {d} has no kernel; supported: {HEAD_DIMS}")
-    if B * Hq > MAX_GRID_Y:
-        raise ValueError(f"cuda attention: batch x query heads = {B * Hq} exceeds the grid's {MAX_GRID_Y}")
+    reason = unsupported_reason(q, k, device_kind)
+    if reason is not None:
+        raise ValueError(f"cuda attention: {reason}")
     if key_padding_mask is not None:
         mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
         if mask.dtype != bool or mask.ndim != 2 or mask.shape[1] != S or mask.shape[0] not in (1, B):

@@ -1,8 +1,10 @@
-"""FlashAttention-2 on arrays: exact attention without ever forming the (T, S) matrix of scores.
+"""FlashAttention-2 on arrays, tuned: exact attention without ever forming the (T, S) matrix of scores.
 
 Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
 Queries are cut into row tiles of Br positions, keys and values into column tiles of Bc positions; the scores of
-one (Br, Bc) tile at a time are computed, used and dropped.
+one (Br, Bc) tile at a time are computed, used and dropped. The study version, flash_study.py, is the paper's
+Algorithms 1 and 2 as written, with the same arguments (but num_threads) and results and none of the tricks below:
+read it first. The tests check this file against it.
 
 Forward (the paper's Algorithm 1), for each row tile i:
     m = -inf, l = 0, O_i = 0                               running row max, running row sum, unnormalized output
@@ -30,48 +32,50 @@ for the rows of a tile (Br positions times G heads, see below):
 - Grouped-query attention: the G = Hq // Hkv query heads that share one K/V head are stacked as extra rows of the
   row tile (rows ordered (position, head)), so one matmul serves the whole group, and the matmuls that give dK_j and
   dV_j sum over the group by themselves. Repeated K/V is never built.
-- Causal, aligned bottom-right: query t sees keys s <= t + S - T. Tiles entirely above that diagonal are skipped,
-  tiles entirely below it are not masked, and only tiles that cross it get a -inf bias (as does a key-padding mask).
+- Causal, aligned bottom-right: query t sees keys s <= t + S - T (masks.causal_visibility). Tiles entirely above
+  that diagonal are skipped, tiles entirely below it are not masked, and only tiles that cross it get a -inf bias
+  (as does a key-padding mask): Tiling and ScoreMask.
 - Matmuls do the row-wise arithmetic: with a column of ones appended to K and V, [K_j, 1] @ [Q_i^T; -m] = S_ij^T - m
   (forward; L_i in place of m in backward), [V_j, 1] @ [dO_i^T; -D_i] = dP_ij^T - D_i, and P_ij @ [V_j, 1] =
-  [P_ij V_j, rowsum(P_ij)]. Each of those saves a pass over the tile, and passes are what NumPy is slow at.
+  [P_ij V_j, rowsum(P_ij)]. Each of those saves a pass over the tile, and passes are what NumPy is slow at:
+  _with_ones, _stacked_transposed.
 - One change to Algorithm 1's bookkeeping (FlashAttention-4 makes the same one): m does not have to be the running
   max, only a value no score is far above. So m is set from a row's first keys, and a tile is re-done with the
   paper's update (m_new = max(m, rowmax S_ij), rescale O_i and l) only when some row's sum of exp2(S - m) passes
   2**64, or a row is still waiting for its first visible key. Usually that is the first tile of each row tile only,
-  so the other tiles need no max, no rescaling and no separate row sum.
+  so the other tiles need no max, no rescaling and no separate row sum: _tile_with_kept_max, _tile_with_new_max.
 - Score tiles are stored key-major, S_ji = S_ij^T laid out (Bc, N, Br): the row max (on the rare re-done tiles)
-  reduces over the outermost axis, and m, L, D broadcast over it, over long contiguous stretches.
+  reduces over the outermost axis, and m, L, D broadcast over it, over long contiguous stretches: _product.
 - exp2 instead of exp (cheaper in NumPy, as on GPUs): log2(e) is folded into the scale that Q is multiplied by once,
-  so S, m and L live in base 2 inside; L is returned in natural log.
+  so S, m and L live in base 2 inside; L is returned in natural log (_normalized).
 - Rows with no visible key: l stays 0; they get O = 0 and L = +inf, so P = 0 in backward.
 - Work partitioning as in FA2: the forward hands row tiles to worker threads, the backward groups of column tiles
   (each group then owns its dK_j, dV_j and keeps its own share of dQ). NumPy drops the GIL inside matmul and ufuncs,
-  and each tile's matmul is small enough that BLAS runs it on the calling thread, so the workers use all cores.
+  and each tile's matmul is small enough that BLAS runs it on the calling thread, so the workers use all cores:
+  _run_groups, _balanced_groups.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, get_num_threads
 from ..tensor import Function
+from .masks import causal_visibility
 
 LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
 
-# OpenBLAS (0.3.31 here, on this CPU's kernels) runs a matmul of up to m * n * k = 10**6 multiply-adds on the calling
-# thread and splits bigger ones across its own threads (`python bench/attention.py --blas` shows where). For
-# tile-sized matrices that split costs more than it gains, and it fights the worker threads below for the cores. So
-# tiles stay at or under that size: Br * G rows x Bc keys x d.
+# BLAS runs a small matmul on the calling thread and splits a bigger one across its own threads. For tile-sized
+# matrices that split costs more than it gains, and it fights the worker threads below for the cores, so a tile's
+# matmul (Br * G rows x Bc keys x (d + 1)) stays at or under this many multiply-adds, where BLAS starts to split
+# (`python bench/attention.py --blas` shows where that is on a machine).
 BLAS_SINGLE_THREAD_MACS = 1_000_000
-TILE_ROWS = 64  # query rows per tile (Br * G); `bench/attention.py --tiles` measured 64 rows x 192 keys best at d = 64
+TILE_ROWS = 64  # query rows per tile (Br * G); `python bench/attention.py --tiles` compares tile sizes
 # Below this many scores per call (B * Hq * T * S) the worker threads cost more than they save.
 MIN_SCORES_FOR_THREADS = 1 << 18
-NUM_THREADS = None  # worker threads on the CPU; None = one per core the process may use
 # The forward moves a row's m only when a tile's row sum of exp2(S - m) passes this (or the row had no key yet).
 MAX_TILE_ROW_SUM = 2.0**64
 
@@ -119,10 +123,10 @@ class Tiling:
         return [i for i in range(self.n_row_tiles) if self.is_visible(i, j)]
 
     def future_keys(self, i: int, j: int, xp):
-        """(Bc, Br * G) bool, True where key s is in the future of the column's query t: s > t + offset."""
+        """(Bc, Br * G) bool, key-major like the score tiles: True where key s is hidden from the column's query t."""
         t = xp.repeat(xp.arange(*self.positions(i)), self.G)
         s = xp.arange(self.cols(j).start, self.cols(j).stop)
-        return s[:, None] > t[None, :] + self.offset
+        return ~causal_visibility(t, s, self.T, self.S).T
 
 
 def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, block_q=None, block_k=None,
@@ -131,6 +135,13 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
 
     key_mask: None or bool (B or 1, S), True where a key may be attended (a key-padding mask).
     block_q, block_k: the tile sizes Br and Bc (default: default_tile_sizes); num_threads: default one per core.
+    A row that sees no key gets O = 0 and L = +inf.
+
+    Algorithm 1 (flash_study.flash_attention_forward) with these tricks (module docstring): grouped query heads
+    stacked as rows (_to_rows); causal tiles skipped or masked by a cached bias (Tiling, ScoreMask); the lazy max
+    (_tile_with_kept_max, else the paper's update _tile_with_new_max); ones columns so matmuls subtract m and sum
+    rows (_with_ones, _stacked_transposed); key-major score tiles in reused buffers (_product, _scratch); exp2 with
+    log2(e) folded into the scale (_normalized converts L back); row tiles on worker threads (_run_groups).
     """
     xp = get_array_module(Q, K, V)
     B, Hq, T, _ = Q.shape
@@ -149,7 +160,7 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
         for i in row_tiles:
             rows = tiling.rows(i)
             Q_m = _stacked_transposed(Q[:, rows], scale * LOG2_E, 0, xp)  # [Q_i^T * scale; -m], (N, d + 1, Br)
-            m = xp.zeros((N, Q_m.shape[2]), dtype)  # (N, Br)
+            m = xp.zeros((N, Q_m.shape[2]), dtype)  # (N, Br); S and m in base 2: log2(e) is in the scale
             O_l = xp.zeros((N, Q_m.shape[2], d + 1), dtype)  # [O_i, l]
             every_row_has_keys = False  # until then, m is a placeholder and tiles take the paper's update
             for j in tiling.visible_cols(i):
@@ -157,28 +168,14 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
                 S_ji = _product(scratch, "S", K1[:, cols], Q_m, xp)  # S_ij^T - m, (Bc, N, Br)
                 mask(S_ji, i, j)
                 P_ji = _scratch(scratch, "P", S_ji.shape, dtype, xp)
-                if every_row_has_keys:  # try the m the rows have; an overflow fails the test
-                    PV_l = xp.exp2(S_ji, out=P_ji).transpose(1, 2, 0) @ V1[:, cols]  # [P_ij V_j, rowsum(P_ij)]
-                if not every_row_has_keys or not PV_l[..., d].max() <= MAX_TILE_ROW_SUM:
-                    # A row sees its first keys, or scores far above its m: Algorithm 1's update, m_new = the max.
-                    step = S_ji.max(axis=0)  # m_new - m where it grows; -inf where the row sees no key here
-                    step = xp.where((step > 0) | (O_l[..., d] == 0), step, dtype.type(0))
-                    step = xp.where(xp.isfinite(step), step, dtype.type(0))  # rows without keys keep m
-                    m += step
-                    Q_m[:, d] = -m
-                    xp.exp2(xp.subtract(S_ji, step, out=S_ji), out=P_ji)
-                    O_l *= xp.exp2(-xp.maximum(step, 0))[..., None]  # rescale O_i, l (rows with l = 0 may step down)
-                    PV_l = P_ji.transpose(1, 2, 0) @ V1[:, cols]
-                    every_row_has_keys = bool(xp.all((O_l[..., d] + PV_l[..., d]) > 0))
-                O_l += PV_l
-            l = O_l[..., d]
-            seen = l > 0  # False for rows that see no key at all: O = 0 and L = +inf, so backward gives 0
-            l = xp.where(seen, l, dtype.type(1))
-            O[:, rows] = O_l[..., :d] / l[..., None]
-            L[:, rows] = xp.where(seen, (m + xp.log2(l)) * dtype.type(LN_2), xp.inf)
+                PV_l = _tile_with_kept_max(S_ji, P_ji, V1[:, cols], xp) if every_row_has_keys else None
+                if PV_l is None:  # a row sees its first keys, or scores far above its m
+                    PV_l, every_row_has_keys = _tile_with_new_max(S_ji, P_ji, V1[:, cols], Q_m, m, O_l, xp)
+                O_l += PV_l  # [O_i + P_ij V_j, l + rowsum(P_ij)]
+            O[:, rows], L[:, rows] = _normalized(O_l, m, xp)
 
     def forward_row_tiles_quietly(row_tiles):
-        with np.errstate(over="ignore", invalid="ignore"):  # exp2 may overflow on a tried m: the test catches it
+        with np.errstate(over="ignore", invalid="ignore"):  # exp2 may overflow on a kept m: _tile_with_kept_max sees it
             forward_row_tiles(row_tiles)
 
     # One row tile per task; under a causal mask the bottom row tiles see the most keys: hand them out first.
@@ -190,7 +187,13 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
 
 def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask=None, block_q=None, block_k=None,
                              num_threads=None):
-    """dO, Q, O (B, Hq, T, d), K, V (B, Hkv, S, d), L (B, Hq, T) -> dQ, dK, dV with the shapes of Q, K, V."""
+    """dO, Q, O (B, Hq, T, d), K, V (B, Hkv, S, d), L (B, Hq, T) -> dQ, dK, dV with the shapes of Q, K, V.
+
+    Algorithm 2 (flash_study.flash_attention_backward) with the forward's tricks, but no max to keep: ones columns
+    so matmuls subtract L_i and D_i (_with_ones, _stacked_transposed), key-major score tiles (_product), exp2, causal
+    tiles skipped or masked (Tiling, ScoreMask), and groups of column tiles on worker threads, each with its own
+    share of dQ (_balanced_groups, _run_groups).
+    """
     xp = get_array_module(dO, Q, K, V)
     B, Hkv = K.shape[:2]
     dtypes, dtype = (Q.dtype, K.dtype, V.dtype), _compute_dtype(Q.dtype)
@@ -246,6 +249,47 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     dQ = _from_rows(dQ, B, tiling.G)
     dK, dV = dK.reshape(B, Hkv, *dK.shape[1:]), dV.reshape(B, Hkv, *dV.shape[1:])
     return tuple(grad.astype(grad_dtype, copy=False) for grad, grad_dtype in zip((dQ, dK, dV), dtypes))
+
+
+def _tile_with_kept_max(S_ji, P_ji, V1_j, xp):
+    """The lazy max: P_ij = exp2(S_ij - m) with the m the rows already have -> [P_ij V_j, rowsum(P_ij)] (N, Br, d + 1),
+    or None when some row sum passes MAX_TILE_ROW_SUM (or overflows): scores far above m, the tile must be redone.
+
+    S_ji (Bc, N, Br) holds S_ij^T - m; P_ji receives exp2 of it; V1_j is [V_j, 1] (N, Bc, d + 1).
+    """
+    PV_l = xp.exp2(S_ji, out=P_ji).transpose(1, 2, 0) @ V1_j
+    return PV_l if PV_l[..., -1].max() <= MAX_TILE_ROW_SUM else None
+
+
+def _tile_with_new_max(S_ji, P_ji, V1_j, Q_m, m, O_l, xp):
+    """Algorithm 1's update: m_new = max(m, rowmax S_ij), O_i and l rescaled by exp2(m - m_new), P_ij from m_new.
+
+    Updates m (N, Br), Q_m's last row (-m) and O_l = [O_i, l] in place, overwrites S_ji with S_ij^T - m_new.
+    Returns [P_ij V_j, rowsum(P_ij)] and whether every row has now seen a key (then later tiles may keep m).
+    A row that has seen no key yet has the placeholder m = 0 and may step down to its first keys' max.
+    """
+    dtype = S_ji.dtype.type
+    l = O_l[..., -1]
+    step = S_ji.max(axis=0)  # m_new - m where it grows; -inf where the row sees no key here
+    step = xp.where((step > 0) | (l == 0), step, dtype(0))
+    step = xp.where(xp.isfinite(step), step, dtype(0))  # rows without keys keep m
+    m += step
+    Q_m[:, -1] = -m
+    xp.exp2(xp.subtract(S_ji, step, out=S_ji), out=P_ji)
+    O_l *= xp.exp2(-xp.maximum(step, 0))[..., None]  # rows with l = 0 may step down: they have nothing to rescale
+    PV_l = P_ji.transpose(1, 2, 0) @ V1_j
+    return PV_l, bool(xp.all((O_l[..., -1] + PV_l[..., -1]) > 0))
+
+
+def _normalized(O_l, m, xp):
+    """The paper's last step, O_i = O_i / l and L_i = m + log(l), from O_l = [O_i, l] (N, Br, d + 1) and m in base 2:
+    -> O_i (N, Br, d), L_i (N, Br) in natural log. Rows that saw no key (l = 0) get O = 0 and L = +inf, so the
+    backward's P = exp(S - L) is 0 for them."""
+    dtype = O_l.dtype.type
+    l = O_l[..., -1]
+    seen = l > 0
+    l = xp.where(seen, l, dtype(1))
+    return O_l[..., :-1] / l[..., None], xp.where(seen, (m + xp.log2(l)) * dtype(LN_2), xp.inf)
 
 
 def _with_ones(X, xp):
@@ -351,23 +395,14 @@ def _plan(q_shape, k_shape, is_causal, block_q, block_k, num_threads, xp):
     """The tiling and the number of worker threads for one call."""
     B, Hq, T, d = q_shape
     _, Hkv, S, _ = k_shape
-    if is_causal and T > S:
-        raise ValueError(f"causal attention needs T <= S (bottom-right alignment), got T={T}, S={S}")
     G = Hq // Hkv
     Br, Bc = default_tile_sizes(G, d)
     tiling = Tiling(T, S, G, block_q or Br, block_k or Bc, is_causal)
     if num_threads is None:
         # Threads help the CPU only: on a GPU each tile's kernels already fill the device.
         small = B * Hq * T * S < MIN_SCORES_FOR_THREADS
-        num_threads = 1 if xp is not np or small else NUM_THREADS or _cpu_count()
+        num_threads = 1 if xp is not np or small else get_num_threads()
     return tiling, max(1, num_threads)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _balanced_groups(work: dict, n_groups: int) -> list[list]:

@@ -1,6 +1,6 @@
 """Attention the plain way: build every score, softmax each row, mix the values. The reference for all backends.
 
-    O = softmax(Q K^T * scale + mask) V        scores (B, Hq, T, S) materialized, softmax in float32 at least
+    O = dropout(softmax(Q K^T * scale + mask)) V        scores (B, Hq, T, S) materialized, softmax in float32 at least
 
 Composed of tinytf's differentiable ops, so its backward is autograd's and needs no code here. It costs
 O(B * Hq * T * S) memory for the scores and the softmax kept for backward; the flash backend avoids that.
@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import functional as F
 from ..backend import get_array_module
 from ..tensor import Tensor
+from .masks import causal_visibility
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: bool = False,
-                    scale: float | None = None) -> Tensor:
+                    scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """q (B, Hq, T, D), k, v (B, Hkv, S, D) -> (B, Hq, T, D).
 
     attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, T, S); a float Tensor mask is
     differentiated too. is_causal aligns the mask bottom-right: query t sees keys s <= t + S - T.
+    dropout_p: each attention weight is dropped with this probability (and the rest scaled by 1 / (1 - p)).
     Rows that see no key give zeros (and zero gradients), not NaN.
     """
-    from .. import functional as F  # functional imports this package: resolve at call time
-
     xp = get_array_module(q.data)
     B, Hq, T, D = q.shape
     _, Hkv, S, _ = k.shape
@@ -38,8 +39,7 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
     scores = q @ k.transpose(-2, -1)  # (B, Hkv, G*T, S), scaled inside the softmax
     keep = None
     if is_causal:
-        query_positions = xp.arange(G * T) % T
-        keep = xp.arange(S)[None, :] <= query_positions[:, None] + (S - T)
+        keep = causal_visibility(xp.arange(G * T) % T, xp.arange(S), T, S)  # rows ordered (head, position)
     if attn_mask is not None:
         if isinstance(attn_mask, Tensor) and attn_mask.dtype != bool:
             mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + attn_mask.shape).expand(B, Hq, T, S)
@@ -52,5 +52,5 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
             else:
                 scores, scale = scores * scale + Tensor(grouped.astype(compute, copy=False)), 1.0
     # A row that keeps no key is all zeros after the softmax (no NaN), so rows without a key give O = 0.
-    weights = F.masked_softmax(scores, keep, scale)
+    weights = F.dropout(F.masked_softmax(scores, keep, scale), dropout_p)
     return F.cast((weights @ v).reshape(B, Hq, T, D), out_dtype)

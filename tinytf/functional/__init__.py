@@ -1,4 +1,8 @@
-"""Differentiable ops on Tensors (`import tinytf.functional as F`), and the Tensor operators and methods built on them."""
+"""Differentiable ops on Tensors, and the Tensor operators and methods built on them.
+
+Users reach them as `import tinytf.nn.functional as F` (like torch.nn.functional), which adds attention; this layer
+sits below attention and never imports it.
+"""
 
 from __future__ import annotations
 
@@ -56,9 +60,6 @@ from .shape import (
     view,
 )
 
-# Last: the attention backends are built from the ops above.
-from ..attention import scaled_dot_product_attention  # noqa: E402
-
 
 def _reflected(op):
     return lambda self, other: op(other, self)
@@ -101,4 +102,11 @@ def _install_tensor_methods() -> None:
 
 _install_tensor_methods()
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "abs", "add", "apply_rotary", "argmax", "cast", "cat", "chunk", "clamp", "cos", "cross_entropy", "div", "dropout",
+    "embedding", "eq", "erf", "exp", "expand", "flatten", "ge", "gelu", "getitem", "gt", "layer_norm", "le", "linear",
+    "log", "log_softmax", "logsumexp", "lt", "masked_fill", "masked_softmax", "matmul", "max", "maximum", "mean", "min",
+    "minimum", "mul", "ne", "neg", "one_hot", "permute", "pow", "relu", "reshape", "rms_norm", "rotary_tables",
+    "rsqrt", "sigmoid", "silu", "sin", "sinusoidal_table", "softmax", "split", "sqrt", "squeeze", "stack", "sub",
+    "sum", "sum_to", "swapaxes", "swiglu", "tanh", "to", "transpose", "unsqueeze", "var", "view", "where",
+]

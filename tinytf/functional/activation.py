@@ -1,4 +1,10 @@
-"""Activations, softmax and dropout: each forward beside its hand-derived backward."""
+"""Activations, softmax and dropout: each forward beside its hand-derived backward.
+
+GELUTanh, SiLU and SwiGLU run on the widest activations of a transformer, so they are tuned: in-place chains over
+cache-sized blocks, through `_blockwise_forward` and `_blockwise_backward`. Study versions: the textbook formulas
+on plain arrays stand just above the ops they explain, `gelu_tanh_study_forward` / `_backward` above GELUTanh and
+`silu_study_forward` / `_backward` above SiLU (SwiGLU is silu(gate) * up); the tests hold the tuned ops to them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import normalize_axis, row_blocks
+from .common import block_scratch, normalize_axis, row_blocks, row_sum_vector
 
 
 class Tanh(Function):
@@ -45,57 +51,98 @@ class ReLU(Function):
         return grad * positive
 
 
+def _blockwise_forward(a, write_block):
+    """An elementwise op over cache-sized blocks (row_blocks): write_block(x, saved, out) fills a block of the output
+    and of one array kept for backward. Returns x, saved and out, all flat."""
+    xp = backend.get_array_module(a)
+    x = a.reshape(-1)
+    saved, out = xp.empty_like(x), xp.empty_like(x)
+    for rows in row_blocks(x):
+        write_block(x[rows], saved[rows], out[rows])
+    return x, saved, out
+
+
+def _blockwise_backward(grad, x, saved, write_slope):
+    """dL/dx = grad * f'(x) for an elementwise f, over cache-sized blocks: write_slope(x, saved, out, scratch) puts
+    f'(x) into out, with a block-sized scratch buffer reused by every block (block_scratch); grad then multiplies
+    in place."""
+    xp = backend.get_array_module(x)
+    g = grad.reshape(-1)
+    grad_in = xp.empty_like(x)
+    blocks = row_blocks(x)
+    scratch = block_scratch(x, blocks)
+    for rows in blocks:
+        out = grad_in[rows]
+        write_slope(x[rows], saved[rows], out, scratch[: out.shape[0]])
+        out *= g[rows]
+    return grad_in.reshape(grad.shape)
+
+
 _GELU_C = math.sqrt(2 / math.pi)
+_GELU_K = 0.044715
+
+
+def gelu_tanh_study_forward(x):
+    """GELU in its tanh form, as the formula reads: x/2 (1 + tanh(c (x + k x^3))), c = sqrt(2/pi), k = 0.044715."""
+    xp = backend.get_array_module(x)
+    return 0.5 * x * (1 + xp.tanh(_GELU_C * (x + _GELU_K * x**3)))
+
+
+def gelu_tanh_study_backward(grad, x):
+    """dL/dx = grad * gelu'(x), with gelu'(x) = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3k x^2), t = tanh(c (x + k x^3))."""
+    xp = backend.get_array_module(x)
+    t = xp.tanh(_GELU_C * (x + _GELU_K * x**3))
+    return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * x * x))
 
 
 class GELUTanh(Function):
-    """GELU with the tanh approximation (GPT-2's "gelu_new"): x/2 (1 + tanh(c (x + k x^3))), k = 0.044715.
+    """GELU with the tanh approximation (GPT-2's "gelu_new"), tuned; the formula is gelu_tanh_study_forward and
+    gelu_tanh_study_backward.
 
-    This op runs on the widest activations of a transformer (B, T, 4C), so both passes are chains of in-place
-    updates over cache-sized blocks (`row_blocks`) instead of one temporary array per term.
+    Optimisations, for the (B, T, 4C) activations it runs on: cache-blocked passes (row_blocks, through
+    _blockwise_forward and _blockwise_backward); in-place ufunc chains with out= and no temporary per term
+    (_gelu_tanh_into, _gelu_tanh_slope_into); t = tanh(...) kept from forward, so backward computes no tanh; the
+    derivative factored to (1 + t) (1/2 + u (1 - t)), fewer passes than the study form.
     """
 
-    K = 0.044715
+    K = _GELU_K
 
     def forward(self, a):
-        xp = backend.get_array_module(a)
-        x = a.reshape(-1)
-        t, out = xp.empty_like(x), xp.empty_like(x)
-        for rows in row_blocks(x):
-            xb, tb, ob = x[rows], t[rows], out[rows]
-            xp.multiply(xb, xb, out=tb)
-            tb *= self.K * _GELU_C
-            tb += _GELU_C
-            tb *= xb
-            xp.tanh(tb, out=tb)  # t = tanh(c (x + k x^3))
-            xp.add(tb, 1, out=ob)
-            ob *= xb
-            ob *= 0.5
+        x, t, out = _blockwise_forward(a, _gelu_tanh_into)
         self.save_for_backward(x, t)
         return out.reshape(a.shape)
 
     def backward(self, grad):
-        x, t = self.saved_tensors
-        xp = backend.get_array_module(x)
-        # d/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3k x^2) = (1 + t) (1/2 + u (1 - t)),  u = x c (1 + 3k x^2) / 2
-        g = grad.reshape(-1)
-        slope = xp.empty_like(x)
-        blocks = row_blocks(x)
-        scratch = xp.empty_like(x[blocks[0]])
-        for rows in blocks:
-            xb, tb, sb = x[rows], t[rows], slope[rows]
-            u = scratch[: xb.shape[0]]
-            xp.multiply(xb, xb, out=u)
-            u *= 1.5 * self.K * _GELU_C
-            u += 0.5 * _GELU_C
-            u *= xb
-            xp.subtract(1, tb, out=sb)
-            u *= sb
-            u += 0.5
-            xp.add(tb, 1, out=sb)
-            sb *= u
-            sb *= g[rows]
-        return slope.reshape(grad.shape)
+        return _blockwise_backward(grad, *self.saved_tensors, _gelu_tanh_slope_into)
+
+
+def _gelu_tanh_into(x, t, out) -> None:
+    """out = x/2 (1 + t), leaving t = tanh(x (c + c k x^2)) for backward."""
+    xp = backend.get_array_module(x)
+    xp.multiply(x, x, out=t)
+    t *= _GELU_K * _GELU_C
+    t += _GELU_C
+    t *= x
+    xp.tanh(t, out=t)
+    xp.add(t, 1, out=out)
+    out *= x
+    out *= 0.5
+
+
+def _gelu_tanh_slope_into(x, t, out, scratch) -> None:
+    """out = gelu'(x) = (1 + t) (1/2 + u (1 - t)) with u = x c (1 + 3k x^2) / 2, given t from forward; scratch
+    holds u."""
+    xp = backend.get_array_module(x)
+    u = scratch
+    xp.multiply(x, x, out=u)
+    u *= 1.5 * _GELU_K * _GELU_C
+    u += 0.5 * _GELU_C
+    u *= x
+    xp.subtract(1, t, out=out)
+    u *= out
+    u += 0.5
+    xp.add(t, 1, out=out)
+    out *= u
 
 
 def erf(x):
@@ -127,49 +174,62 @@ class GELUErf(Function):
         return grad * (cdf + a * pdf)
 
 
+def silu_study_forward(x):
+    """SiLU (swish) as the formula reads: x sigmoid(x) = x / (1 + e^-x)."""
+    return x / (1 + backend.get_array_module(x).exp(-x))
+
+
+def silu_study_backward(grad, x):
+    """dL/dx = grad * silu'(x), with silu'(x) = s + x s (1 - s), s = sigmoid(x) = 1 / (1 + e^-x)."""
+    s = 1 / (1 + backend.get_array_module(x).exp(-x))
+    return grad * (s + x * s * (1 - s))
+
+
 class SiLU(Function):
-    """x sigmoid(x) (swish), in place over cache-sized blocks like GELUTanh: Llama's MLP runs it on (B, T, hidden)."""
+    """x sigmoid(x) (swish), tuned like GELUTanh (Llama's MLP runs it on (B, T, hidden)); the formula is
+    silu_study_forward and silu_study_backward.
+
+    Optimisations: cache-blocked passes (row_blocks, through _blockwise_forward and _blockwise_backward); in-place
+    ufunc chains with out= (_silu_into, _silu_slope_into); sigmoid(x) kept from forward for the backward; sigmoid as
+    (1 + tanh(x/2))/2 (_sigmoid_into), one ufunc that never overflows.
+    """
 
     def forward(self, a):
-        xp = backend.get_array_module(a)
-        x = a.reshape(-1)
-        s, out = xp.empty_like(x), xp.empty_like(x)
-        for rows in row_blocks(x):
-            _sigmoid(x[rows], s[rows], xp)
-            xp.multiply(x[rows], s[rows], out=out[rows])
+        x, s, out = _blockwise_forward(a, _silu_into)
         self.save_for_backward(x, s)
         return out.reshape(a.shape)
 
     def backward(self, grad):
-        x, s = self.saved_tensors
-        xp = backend.get_array_module(x)
-        g = grad.reshape(-1)
-        slope = xp.empty_like(x)
-        for rows in row_blocks(x):
-            sb = slope[rows]
-            _silu_slope(x[rows], s[rows], sb, xp)
-            sb *= g[rows]
-        return slope.reshape(grad.shape)
+        return _blockwise_backward(grad, *self.saved_tensors, _silu_slope_into)
 
 
-def _sigmoid(x, out, xp) -> None:
+def _sigmoid_into(x, out) -> None:
     """out = sigmoid(x) = (1 + tanh(x/2))/2, which never overflows, unlike 1/(1+e^-x) for x << 0."""
+    xp = backend.get_array_module(x)
     xp.multiply(x, 0.5, out=out)
     xp.tanh(out, out=out)
     out *= 0.5
     out += 0.5
 
 
-def _silu_slope(x, s, out, xp) -> None:
-    """out = d(x s(x))/dx = s + x s (1 - s) = s (1 + x (1 - s)), given s = sigmoid(x)."""
-    xp.subtract(1, s, out=out)
+def _silu_into(x, s, out) -> None:
+    """out = x s, leaving s = sigmoid(x) for backward."""
+    _sigmoid_into(x, s)
+    backend.get_array_module(x).multiply(x, s, out=out)
+
+
+def _silu_slope_into(x, s, out, scratch=None) -> None:
+    """out = d(x s(x))/dx = s + x s (1 - s) = s (1 + x (1 - s)), given s = sigmoid(x). The chain needs no scratch;
+    the parameter is there to fit _blockwise_backward."""
+    backend.get_array_module(x).subtract(1, s, out=out)
     out *= x
     out += 1
     out *= s
 
 
 class SwiGLU(Function):
-    """silu(gate) * up, Llama's gated MLP activation, fused: no (B, T, hidden) array for silu(gate) or its gradient."""
+    """silu(gate) * up, Llama's gated MLP activation, fused: no (B, T, hidden) array for silu(gate) or its gradient.
+    Its study form is silu_study_forward(gate) * up; it is blocked and in place like SiLU, with SiLU's helpers."""
 
     def forward(self, gate, up):
         """(..., hidden), (..., hidden) -> (..., hidden)"""
@@ -178,8 +238,7 @@ class SwiGLU(Function):
         s, out = xp.empty_like(a), xp.empty_like(a)
         for rows in row_blocks(a):
             ob = out[rows]
-            _sigmoid(a[rows], s[rows], xp)
-            xp.multiply(a[rows], s[rows], out=ob)
+            _silu_into(a[rows], s[rows], ob)
             ob *= b[rows]
         self.save_for_backward(a, b, s)
         return out.reshape(gate.shape)
@@ -199,7 +258,7 @@ class SwiGLU(Function):
                 ub *= gb
             if grad_gate is not None:
                 db = grad_gate[rows]
-                _silu_slope(ab, sb, db, xp)
+                _silu_slope_into(ab, sb, db)
                 db *= b[rows]
                 db *= gb
         return (None if grad_gate is None else grad_gate.reshape(grad.shape),
@@ -219,8 +278,9 @@ class Softmax(Function):
         a (0 and -inf for a mask; only with axis -1).
 
         The rows are cut into groups: one row each without a bias, the last two axes (T, C) with one, so that a
-        (T, C) mask applies to every group as it is. Each cache-sized block of groups goes through scale, bias, max,
-        exp, sum and normalization before the next one is read.
+        (T, C) mask applies to every group as it is. Optimisations: each cache-sized block of groups (row_blocks)
+        goes through scale, bias, max, exp, sum and normalization, in place with out=, before the next one is read;
+        row sums by a matrix-vector product (BLAS, row_sum_vector), in float32 at least.
         """
         xp = backend.get_array_module(a)
         moved = xp.moveaxis(a, axis, -1) if a.ndim else a.reshape(1)
@@ -229,8 +289,7 @@ class Softmax(Function):
         if bias is not None:
             bias = xp.broadcast_to(bias, a.shape).reshape(groups.shape)  # a view for masks that ignore the batch
         out = xp.empty(groups.shape, dtype=a.dtype)
-        # Row sums as a matrix-vector product (4x faster than sum(-1) on short rows), in float32 at least.
-        ones = xp.ones(groups.shape[-1], dtype=xp.promote_types(a.dtype, xp.float32))
+        ones = row_sum_vector(groups.shape[-1], xp.promote_types(a.dtype, xp.float32), xp)
         for block in row_blocks(groups):
             logits, ob = groups[block], out[block]
             if scale != 1 or bias is not None:

@@ -6,25 +6,95 @@ With x_hat = (x - mean) * rstd and y = x_hat * w + b over the last axis of size 
     dL/dx     = rstd * (dx_hat - x_hat * mean(dx_hat * x_hat))                     (RMS norm: no centering)
     dL/dw     = sum over rows of g * x_hat,   dL/db = sum over rows of g
 The mean terms come from every output of a row depending on that row's mean and rstd.
+
+Study versions: these formulas as written, on plain arrays, are `layer_norm_study_forward` / `_backward` and
+`rms_norm_study_forward` / `_backward` just below. The tuned ops after them (`LayerNorm`, `RMSNorm`, through
+`_normalize_rows` and `_normalize_rows_backward`) compute the same, and the tests hold them to the study versions.
 """
 
 from __future__ import annotations
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import row_blocks
+from .common import block_scratch, row_blocks, row_sum_vector
 
 
-def _row_averager(width: int, dtype, xp):
-    """The vector that gives row means as rows @ vector: a matrix-vector product is one BLAS pass, 3-4x faster
-    here than sum(axis=-1) on rows of a few hundred elements."""
-    return xp.full(width, 1 / width, dtype=dtype)
+def layer_norm_study_forward(x, weight=None, bias=None, eps: float = 1e-5):
+    """(..., C) -> y (x's shape and dtype), and x_hat (..., C) and rstd (..., 1) for the backward; the statistics
+    are in float32 at least, as in LayerNorm. No weight or bias means w = 1, b = 0."""
+    xp = backend.get_array_module(x)
+    x_up = x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
+    mean = x_up.mean(axis=-1, keepdims=True)
+    rstd = 1 / xp.sqrt(((x_up - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+    x_hat = (x_up - mean) * rstd
+    y = x_hat * (1 if weight is None else weight) + (0 if bias is None else bias)
+    return y.astype(x.dtype, copy=False), x_hat, rstd
+
+
+def layer_norm_study_backward(grad, x_hat, rstd, weight=None):
+    """dL/dx (grad's shape and dtype), dL/dw and dL/db (C,) from grad = dL/dy and the forward's x_hat and rstd,
+    computed in x_hat's dtype."""
+    dy = grad.astype(x_hat.dtype, copy=False)
+    g = dy * (1 if weight is None else weight)  # dL/dx_hat
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    return dx.astype(grad.dtype, copy=False), (dy * x_hat).sum(axis=rows), dy.sum(axis=rows)
+
+
+def rms_norm_study_forward(x, weight=None, eps: float = 1e-6):
+    """(..., C) -> y (x's shape and dtype), and x_hat (..., C) and rstd (..., 1) for the backward; the statistics
+    are in float32 at least, as in RMSNorm. No weight means w = 1."""
+    xp = backend.get_array_module(x)
+    x_up = x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
+    rstd = 1 / xp.sqrt((x_up**2).mean(axis=-1, keepdims=True) + eps)
+    x_hat = x_up * rstd
+    y = x_hat * (1 if weight is None else weight)
+    return y.astype(x.dtype, copy=False), x_hat, rstd
+
+
+def rms_norm_study_backward(grad, x_hat, rstd, weight=None):
+    """dL/dx (grad's shape and dtype) and dL/dw (C,) from grad = dL/dy and the forward's x_hat and rstd, computed
+    in x_hat's dtype."""
+    dy = grad.astype(x_hat.dtype, copy=False)
+    g = dy * (1 if weight is None else weight)  # dL/dx_hat
+    dx = rstd * (g - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    return dx.astype(grad.dtype, copy=False), (dy * x_hat).sum(axis=tuple(range(dy.ndim - 1)))
+
+
+def _row_dots(a, b):
+    """Each row's dot product a_i . b_i of two (rows, C) arrays, as (rows, 1): einsum makes no (rows, C) array of
+    products, as (a * b).sum(axis=-1) would."""
+    return backend.get_array_module(a).einsum("ij,ij->i", a, b)[:, None]
+
+
+def _column_dots(a, b):
+    """sum over rows of a * b for two (rows, C) arrays, (C,), by einsum: no (rows, C) array of products."""
+    return backend.get_array_module(a).einsum("ij,ij->j", a, b)
+
+
+def _subtract_row_means(rows, averager, out) -> None:
+    """out = rows - mean(rows) over the last axis, with the means from one matrix-vector product: `averager` is
+    row_sum_vector(C, ..., scale=1 / C)."""
+    backend.get_array_module(rows).subtract(rows, (rows @ averager)[:, None], out=out)
+
+
+def _reciprocal_rms(rows, eps: float, out) -> None:
+    """out = 1 / sqrt(mean(rows^2) + eps), (rows, 1), in place; for centered rows that is 1 / sqrt(var + eps)."""
+    xp = backend.get_array_module(rows)
+    xp.sqrt(_row_dots(rows, rows) * (1 / rows.shape[-1]) + eps, out=out)
+    xp.divide(1, out, out=out)
 
 
 def _normalize_rows(x, weight, bias, eps: float, centered: bool):
-    """y = x_hat * weight + bias with x_hat = (x - mean) * rstd over the last axis (no centering for RMS norm), one
-    cache-sized block of rows at a time, statistics in float32 at least. Returns y (x's shape and dtype) and, for
-    backward, x_hat (rows, C) and rstd (rows, 1)."""
+    """y = x_hat * weight + bias with x_hat = (x - mean) * rstd over the last axis (no centering for RMS norm), in
+    float32 at least: the tuned form of layer_norm_study_forward and rms_norm_study_forward. Returns y (x's shape
+    and dtype) and, for backward, x_hat (rows, C) and rstd (rows, 1).
+
+    Optimisations: cache-blocked rows (row_blocks); in-place ufunc chains with out= into x_hat, rstd and y,
+    allocated once; row means by a matrix-vector product (BLAS: _subtract_row_means, row_sum_vector); squared norms
+    as einsum row dot products with no (rows, C) temporary (_reciprocal_rms, _row_dots); y written straight in x's
+    dtype (casting="unsafe") instead of cast afterwards.
+    """
     xp = backend.get_array_module(x)
     width = x.shape[-1]
     rows = x.reshape(-1, width)
@@ -32,16 +102,14 @@ def _normalize_rows(x, weight, bias, eps: float, centered: bool):
     x_hat = xp.empty(rows.shape, dtype=compute)
     rstd = xp.empty((rows.shape[0], 1), dtype=compute)
     out = xp.empty_like(rows) if weight is not None or x.dtype != compute else None
-    averager = _row_averager(width, compute, xp)
+    averager = row_sum_vector(width, compute, xp, scale=1 / width)
     for block in row_blocks(rows):
         xb, hb, rb = rows[block], x_hat[block], rstd[block]
         if centered:
-            xp.subtract(xb, (xb @ averager)[:, None], out=hb)
+            _subtract_row_means(xb, averager, out=hb)
         else:
             hb[...] = xb
-        # einsum's row dot products make no (rows, C) temporary for the squares
-        xp.sqrt(xp.einsum("ij,ij->i", hb, hb)[:, None] * (1 / width) + eps, out=rb)
-        xp.divide(1, rb, out=rb)
+        _reciprocal_rms(hb, eps, out=rb)
         hb *= rb
         if weight is not None:
             ob = out[block]
@@ -56,7 +124,13 @@ def _normalize_rows(x, weight, bias, eps: float, centered: bool):
 
 
 def _normalize_rows_backward(function: Function, grad, centered: bool):
-    """Gradients of the normalized rows' inputs (x, weight[, bias]) from dL/dy, with y = x_hat * w (+ b)."""
+    """Gradients of the normalized rows' inputs (x, weight[, bias]) from dL/dy, with y = x_hat * w (+ b): the tuned
+    form of layer_norm_study_backward and rms_norm_study_backward, computing only the gradients asked for.
+
+    Optimisations: cache-blocked rows (row_blocks); in-place ufunc chains with out= into dL/dx, with one scratch
+    block reused by every block (block_scratch); row means by a matrix-vector product (BLAS: _subtract_row_means);
+    row and column dot products by einsum with no (rows, C) temporary (_row_dots, _column_dots).
+    """
     x_hat, rstd, weight = function.saved_tensors
     xp = backend.get_array_module(x_hat)
     width = x_hat.shape[-1]
@@ -66,12 +140,12 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
     grad_weight = xp.zeros(width, dtype=x_hat.dtype) if weight is not None and needs[1] else None
     grad_bias = xp.zeros(width, dtype=x_hat.dtype) if function.has_bias and needs[-1] else None
     blocks = row_blocks(x_hat)
-    scratch = xp.empty_like(x_hat[blocks[0]]) if needs[0] else None
-    averager = _row_averager(width, x_hat.dtype, xp)
+    scratch = block_scratch(x_hat, blocks) if needs[0] else None
+    averager = row_sum_vector(width, x_hat.dtype, xp, scale=1 / width)
     for block in blocks:
         hb, gb = x_hat[block], g[block]
         if grad_weight is not None:
-            grad_weight += xp.einsum("ij,ij->j", gb, hb)
+            grad_weight += _column_dots(gb, hb)
         if grad_bias is not None:
             grad_bias += gb.sum(axis=0)
         if grad_x is None:
@@ -81,9 +155,9 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
             xp.multiply(gb, weight, out=rb)  # dL/dx_hat
         else:
             rb[...] = gb
-        projection = xp.multiply(hb, xp.einsum("ij,ij->i", rb, hb)[:, None] * (1 / width), out=scratch[: hb.shape[0]])
+        projection = xp.multiply(hb, _row_dots(rb, hb) * (1 / width), out=scratch[: hb.shape[0]])
         if centered:
-            rb -= (rb @ averager)[:, None]
+            _subtract_row_means(rb, averager, out=rb)
         rb -= projection
         rb *= rstd[block]
     grads = [None if grad_x is None else grad_x.reshape(grad.shape).astype(grad.dtype, copy=False)]
@@ -95,6 +169,9 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
 
 
 class LayerNorm(Function):
+    """Layer norm, tuned (_normalize_rows lists the optimisations); the formula is layer_norm_study_forward and
+    layer_norm_study_backward."""
+
     def forward(self, x, weight=None, bias=None, eps: float = 1e-5):
         """(..., C), (C,), (C,) -> (..., C); statistics in float32 at least."""
         out, x_hat, rstd = _normalize_rows(x, weight, bias, eps, centered=True)
@@ -107,6 +184,8 @@ class LayerNorm(Function):
 
 
 class RMSNorm(Function):
+    """RMS norm, tuned like LayerNorm; the formula is rms_norm_study_forward and rms_norm_study_backward."""
+
     def forward(self, x, weight=None, eps: float = 1e-6):
         """(..., C), (C,) -> (..., C); statistics in float32 at least (half-precision inputs are upcast)."""
         out, x_hat, rstd = _normalize_rows(x, weight, None, eps, centered=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +27,8 @@ from ..nn import (
     MultiHeadAttention,
     RMSNorm,
     SwiGLUMLP,
+    init_skipped,
 )
-from ..nn.module import init_skipped
 from ..tensor import Tensor, no_grad
 from .sampling import sample_next_token
 
@@ -218,13 +217,6 @@ class GPT(Module):
         new = list(self.stream(context, max_new_tokens, temperature, top_k, top_p, use_cache, rng))
         columns = [context] + [ids[:, None] for ids in new]
         return Tensor(self._on_device(np.concatenate(columns, axis=1)))
-
-    # --- interchange ---------------------------------------------------------------------------------------------
-    def save_pretrained(self, path) -> Path:
-        """Write a Hugging Face model folder (config.json, model.safetensors) that transformers loads."""
-        from .hf import save_pretrained  # here, not at the top: hf imports this module
-
-        return save_pretrained(self, path)
 
     def _on_device(self, ids: np.ndarray):
         device = self.wte.weight.device

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .. import backend
-from .. import functional as F
 from ..tensor import Tensor
+from . import functional as F
 from .layers import Dropout, Linear
 from .module import Module
 
@@ -74,23 +74,10 @@ class MultiHeadAttention(Module):
             q, k = F.apply_rotary(q, cos, sin), F.apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, Hkv, S, D) with S = cached + T
-        if self.training and self.dropout_p > 0:
-            y = self._attention_with_dropout(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dropout_p = self.dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
         return self.resid_dropout(self.c_proj(y))
-
-    def _attention_with_dropout(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attention with dropout on the probabilities (training only), composed of ops; GQA by broadcasting."""
-        B, H, T, D = q.shape
-        Hkv, S = k.shape[1], k.shape[2]
-        q = q.reshape(B, Hkv, H // Hkv, T, D)  # query heads grouped under their key/value head
-        scores = q @ k.unsqueeze(2).transpose(-1, -2) * (D**-0.5)  # (B, Hkv, G, T, S)
-        xp = backend.get_array_module(scores.data)
-        visible = xp.arange(S)[None, :] <= xp.arange(T)[:, None] + (S - T)  # causal, aligned bottom-right
-        probs = F.dropout(scores.masked_fill(~visible, float("-inf")).softmax(-1), self.dropout_p, True)
-        return (probs @ v.unsqueeze(2)).reshape(B, H, T, D)
 
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, rope={self.rope}"

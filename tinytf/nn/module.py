@@ -26,6 +26,8 @@ def skip_init():
 
 
 def init_skipped() -> bool:
+    """True inside `skip_init()`: a module that draws its own initial weights (a layer, GPT._init_weights) leaves
+    them unset, since a checkpoint is about to overwrite them."""
     return _init_skipped
 
 

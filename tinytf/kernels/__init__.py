@@ -1,8 +1,12 @@
-"""The CUDA sources (the .cu files beside this one), and the options every build of them gets.
+"""tinytf's CUDA code: the kernel sources (the .cu files beside this one) and the options every build of them gets.
 
-The repository keeps them in kernels/; installed, this folder is the package tinytf.kernels (see pyproject.toml), so
-a wheel carries the sources. The launcher (tinytf.attention.cuda), the compile gate (tinytf.kernels.compile_gate) and
-the CPU emulator (tinytf.cuda_emulator) all take the options from here, so all three build the same code.
+    flash_attention.cu    FlashAttention-2 in float32 on CUDA cores (sm_70+): forward, and backward in three kernels
+    compile_gate.py       python -m tinytf.kernels.compile_gate: every variant through NVRTC, resources checked
+    emulator/             runs the unchanged .cu files on the CPU (g++ and cuda_emulator.h), to test them without a GPU
+
+The wheel carries the sources (pyproject.toml's package data: *.cu and *.cuh headers here, the emulator's *.h).
+The launcher (tinytf.attention.cuda), the compile gate and the emulator all take the options from here, so all three
+build the same code. A new kernel adds its source beside this file and a variant class like FlashAttentionVariant.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ CUPY_ADDED_OPTIONS = ("-ftz=true",)
 
 @dataclass(frozen=True)
 class FlashAttentionVariant:
-    """The build of kernels/flash_attention.cu for one head dim: its rows per warp R, block shapes and options."""
+    """The build of tinytf/kernels/flash_attention.cu for one head dim: its rows per warp R, block shapes and options."""
 
     head_dim: int
 

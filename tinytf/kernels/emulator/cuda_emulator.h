@@ -15,7 +15,7 @@
 // Not modelled: the memory model (fibers see each other's writes at once), timing, bank conflicts, the precision of
 // fast intrinsics such as __expf, dynamic shared memory, half-precision types, and inline PTX.
 //
-// tinytf.cuda_emulator builds a kernel file against this header and calls it through ctypes.
+// tinytf.kernels.emulator builds a kernel file against this header and calls it through ctypes.
 #pragma once
 
 #if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
@@ -141,7 +141,7 @@ class Stacks {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// The values are the indices of tinytf.cuda_emulator.SCHEDULES.
+// The values are the indices of tinytf.kernels.emulator.SCHEDULES.
 enum class Schedule : int { kLockstep = 0, kWarpsForward = 1, kWarpsReverse = 2, kWarpsRandom = 3 };
 
 enum class Wait { kNothing, kWarpBarrier, kBlockBarrier, kExited };

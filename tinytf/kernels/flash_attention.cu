@@ -41,7 +41,7 @@
 // CuPy runs it, for d = 64 on an A100:
 //     --std=c++17 -DHEAD_DIM=64 -DFORWARD_ROWS_PER_WARP=8 -DBACKWARD_ROWS_PER_WARP=8 -ftz=true -arch=sm_80
 // Variants are head dims 16, 32, 64, 96 and 128 (any d <= 128 would compute correctly: lanes past d sit idle).
-// Float32 only. On the CPU the same file runs under tinytf.cuda_emulator (g++ with cuda_emulator.h).
+// Float32 only. On the CPU the same file runs under tinytf.kernels.emulator (g++ with cuda_emulator.h).
 
 #if !defined(HEAD_DIM) || !defined(FORWARD_ROWS_PER_WARP) || !defined(BACKWARD_ROWS_PER_WARP)
 #error "compile with the options of tinytf.kernels.flash_attention_variant(head_dim).options"

@@ -16,7 +16,8 @@ import safetensors.numpy
 import tinytf
 import tinytf.sample as sample_module
 from tinytf.checkpoint import CheckpointError
-from tinytf.models import GPT, GPTConfig, from_pretrained
+from tinytf.interop import from_pretrained, save_pretrained
+from tinytf.models import GPT, GPTConfig
 
 TOLERANCE = 5e-5  # max |logit difference| against transformers, float32
 VOCAB = 97
@@ -132,7 +133,7 @@ def test_half_precision_files_load_as_float32(hf, hf_models, tmp_path, dtype):
 def test_saved_model_loads_in_transformers_with_the_same_logits(hf, tmp_path, preset, overrides):
     _, transformers = hf
     model = _tinytf_model(preset, **overrides)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert _max_difference(model(IDS)[0].data, _hf_logits(hf_model, IDS)) < TOLERANCE
 
@@ -154,7 +155,7 @@ def _tinytf_model(preset, **overrides):
 def saved(request, tmp_path):
     """(model, folder it was saved to) for a GPT-2- and a Llama-style model."""
     model = _tinytf_model(request.param)
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     return model, tmp_path / "model"
 
 
@@ -192,13 +193,13 @@ def test_loading_draws_no_initial_weights(saved):
 ])
 def test_settings_round_trip(tmp_path, preset, overrides):
     model = _tinytf_model(preset, **overrides)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     _assert_same_model(model, tmp_path)
 
 
 def test_transformers_4_llama_config_with_top_level_rope_theta(tmp_path):
     model = _tinytf_model("llama", rope_theta=300.0)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rope_parameters"]
     config["rope_scaling"] = None
@@ -208,7 +209,7 @@ def test_transformers_4_llama_config_with_top_level_rope_theta(tmp_path):
 
 def test_gpt2_checkpoint_without_prefix_and_with_attention_mask_buffers(tmp_path):
     model = _tinytf_model("gpt2")
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     tensors = {name.removeprefix("transformer."): array for name, array in tensors.items()}
     tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), dtype=np.float32))
@@ -255,7 +256,7 @@ def test_folder_without_config_or_safetensors(saved):
 
 def test_missing_unexpected_and_misshaped_tensors_are_listed_together(tmp_path):
     model = _tinytf_model("llama")
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     tensors["model.layers.0.self_attn.q_norm.weight"] = np.ones(8, dtype=np.float32)
@@ -281,7 +282,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed_together(tmp_path):
     ("gpt2", dict(n_head=5), "n_embd .32. must be divisible by n_head .5."),
 ])
 def test_unsupported_settings_are_refused_naming_key_and_value(tmp_path, preset, changes, message):
-    _tinytf_model(preset).save_pretrained(tmp_path)
+    save_pretrained(_tinytf_model(preset), tmp_path)
     _edit_config(tmp_path, **changes)
     with pytest.raises(CheckpointError, match=message):
         from_pretrained(tmp_path)
@@ -328,11 +329,11 @@ def test_corrupt_or_unsupported_safetensors(saved):
 
 def test_save_refuses_models_without_a_hugging_face_layout(tmp_path):
     with pytest.raises(ValueError, match="norm='layernorm', mlp='swiglu', pos='rope'"):
-        _tinytf_model("llama", norm="layernorm").save_pretrained(tmp_path)
+        save_pretrained(_tinytf_model("llama", norm="layernorm"), tmp_path)
     with pytest.raises(ValueError, match="GPT-2 has biases everywhere"):
-        _tinytf_model("gpt2", bias=False).save_pretrained(tmp_path)
+        save_pretrained(_tinytf_model("gpt2", bias=False), tmp_path)
     with pytest.raises(ValueError, match="n_kv_head=2"):
-        _tinytf_model("gpt2", n_kv_head=2).save_pretrained(tmp_path)
+        save_pretrained(_tinytf_model("gpt2", n_kv_head=2), tmp_path)
 
 
 # --- sampling from a model folder with its tokenizer.json ----------------------------------------------------------
@@ -349,8 +350,9 @@ def model_folder(tmp_path_factory):
     tokenizer.train_from_iterator(corpus, trainer)
     folder = tmp_path_factory.mktemp("model")
     tinytf.manual_seed(0)
-    GPT(GPTConfig.from_preset("llama", vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=1, n_head=2,
-                              n_embd=16)).save_pretrained(folder)
+    model = GPT(GPTConfig.from_preset("llama", vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=1,
+                                      n_head=2, n_embd=16))
+    save_pretrained(model, folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder, tokenizer
 

@@ -1,6 +1,6 @@
 """Run CUDA kernels on the CPU: the unchanged .cu file, built by g++ against cuda_emulator.h, called through ctypes.
 
-    module = EmulatedModule("kernels/flash_attention.cu", options=("-DHEAD_DIM=64",), schedule="warps-random")
+    module = EmulatedModule("tinytf/kernels/flash_attention.cu", options=("-DHEAD_DIM=64",), schedule="warps-random")
     kernel = module.get_function("flash_attention_forward")
     kernel((n_query_tiles, batch * heads), (128,), (q, k, v, ..., numpy.int32(query_len), numpy.float32(scale)))
 

@@ -38,8 +38,8 @@ import safetensors.numpy
 
 from .. import backend
 from ..checkpoint import CheckpointError, load_json, save_json, write_atomic
+from ..models import GPT, GPTConfig
 from ..nn import skip_init
-from .gpt import GPT, GPTConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

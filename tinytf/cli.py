@@ -1,0 +1,51 @@
+"""What the command lines tinytf.train and tinytf.sample share: their one-line errors and loading a trained model."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import distributed
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .data import CharTokenizer
+from .models import GPT, GPTConfig
+
+
+class UserError(Exception):
+    """A problem with the command line, the data or a checkpoint: reported as one line, exit status 2."""
+
+
+def command_line(prog: str) -> Callable:
+    """Decorate a command line's `main(argv) -> exit status`: a UserError it raises is printed as the one line
+    `prog: error: ...` on stderr, never a traceback, and main returns 2."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def main_reporting_user_errors(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except UserError as error:
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                distributed.abort_job(2)  # in a data-parallel run the other ranks may be waiting for this one
+                return 2
+
+        return main_reporting_user_errors
+
+    return decorate
+
+
+def load_trained_model(folder: Path, device: str = "cpu") -> tuple[GPT, CharTokenizer, Checkpoint]:
+    """(model in eval mode, tokenizer, checkpoint) from a folder written by tinytf.train; UserError when the folder
+    is missing or corrupt."""
+    try:
+        checkpoint = load_checkpoint(folder)
+        meta = checkpoint.meta
+        config = GPTConfig(**meta["config"])
+        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+        model = GPT(config)
+        model.load_state_dict(checkpoint.weights)
+    except (CheckpointError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"cannot load the checkpoint in {folder}: {error}") from None
+    return model.to(device).eval(), tokenizer, checkpoint
