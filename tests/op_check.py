@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tinytf
+from devices import DEVICES
 from tinytf.testing import gradcheck
 
 small_shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=5)
@@ -40,21 +41,26 @@ def check_op(op, reference, *arrays, grad: bool = True, atol: float = 1e-5, rtol
              float32_rtol: float = 1e-4, gradcheck_atol: float = 1e-5):
     """`op` works on Tensors, `reference` on NumPy arrays; both get the same inputs.
 
-    Checks: float64 forward equals the reference closely; float32 forward is float32 and close; gradients of every
-    floating input match central differences in float64.
+    Checks, on the CPU and on a GPU (or the CuPy stand-in) where there is one: float64 forward equals the reference
+    closely; float32 forward is float32 and close; gradients of every floating input match central differences in
+    float64.
     """
     expected = np.asarray(reference(*arrays))
-    tensors64 = [tinytf.tensor(a) for a in arrays]
-    out64 = op(*tensors64)
-    assert out64.shape == expected.shape, f"shape {out64.shape}, expected {expected.shape}"
-    np.testing.assert_allclose(out64.numpy(), expected, rtol=1e-10, atol=1e-12)
+    for device in DEVICES:
+        tensors64 = [tinytf.tensor(a, device=device) for a in arrays]
+        out64 = op(*tensors64)
+        assert out64.shape == expected.shape, f"shape {out64.shape}, expected {expected.shape}"
+        assert out64.device == tensors64[0].device, f"inputs on {device} gave an output on {out64.device}"
+        np.testing.assert_allclose(out64.numpy(), expected, rtol=1e-10, atol=1e-12, err_msg=f"on {device}")
 
-    tensors32 = [tinytf.tensor(a.astype(np.float32) if a.dtype == np.float64 else a) for a in arrays]
-    out32 = op(*tensors32)
-    if expected.dtype == np.float64:
-        assert out32.dtype == np.float32, f"float32 inputs gave {out32.dtype}"
-    np.testing.assert_allclose(out32.numpy(), expected, rtol=float32_rtol, atol=float32_rtol)
+        tensors32 = [tinytf.tensor(a.astype(np.float32) if a.dtype == np.float64 else a, device=device)
+                     for a in arrays]
+        out32 = op(*tensors32)
+        if expected.dtype == np.float64:
+            assert out32.dtype == np.float32, f"float32 inputs gave {out32.dtype} on {device}"
+        np.testing.assert_allclose(out32.numpy(), expected, rtol=float32_rtol, atol=float32_rtol,
+                                   err_msg=f"on {device}")
 
-    if grad:
-        inputs = [tinytf.tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]
-        gradcheck(op, *inputs, atol=gradcheck_atol, rtol=rtol)
+        if grad:
+            inputs = [tinytf.tensor(a, requires_grad=a.dtype.kind == "f", device=device) for a in arrays]
+            gradcheck(op, *inputs, atol=gradcheck_atol, rtol=rtol)

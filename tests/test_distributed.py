@@ -20,7 +20,7 @@ import pytest
 from test_train import TINY  # the tiny model of the single-process CLI tests (its --batch-size is overridden below)
 
 import tinytf.train as train_module
-from tinytf import distributed
+from tinytf import backend, distributed
 from tinytf.checkpoint import load_checkpoint
 from tinytf.models import GPT
 
@@ -309,8 +309,8 @@ NCCL_COLLECTIVES = textwrap.dedent("""
 
 
 @needs_mpi
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is None or _gpu_count() < 2,
-                    reason="NCCL between two ranks needs CuPy and two CUDA GPUs")
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None or backend.uses_cuda_standin() or _gpu_count() < 2,
+                    reason="NCCL between two ranks needs CuPy and two CUDA GPUs (the CuPy stand-in has no NCCL)")
 def test_nccl_all_reduce_and_broadcast_on_two_gpus():
     job = run_ranks("-c", NCCL_COLLECTIVES)
     assert job.returncode == 0 and job.stdout == "ok\n", job.stderr

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tinytf
+from devices import DEVICES, DEVICES_AND_SECOND_GPU
 from tinytf import backend
 
 
@@ -197,3 +198,26 @@ def test_a_slice_that_is_the_only_gradient_reaches_the_leaf_as_a_dense_array():
     x[1:].sum().backward()
     assert isinstance(x.grad, np.ndarray)
     np.testing.assert_array_equal(x.grad, [[0, 0], [1, 1], [1, 1]])
+
+
+@pytest.mark.skipif(len(DEVICES) == 1 or not backend.is_available("cuda:1"), reason="needs two CUDA devices "
+                    "(the CuPy stand-in has two)")
+def test_tensors_on_two_gpus_or_on_a_gpu_and_the_cpu_in_one_op_are_refused():
+    on_first, on_second = tinytf.ones(3, device="cuda:0"), tinytf.ones(3, device="cuda:1")
+    with pytest.raises(RuntimeError, match="different devices, cuda:0 and cuda:1"):
+        on_first + on_second
+    with pytest.raises(RuntimeError, match="different devices, cuda:0 and cpu"):
+        on_first * tinytf.ones(3)
+    with pytest.raises(RuntimeError, match="different devices, cpu and cuda:1"):
+        tinytf.ones(3) @ on_second
+
+
+@pytest.mark.parametrize("device", DEVICES_AND_SECOND_GPU)
+def test_ops_and_backward_run_on_the_tensors_own_device(device):
+    """cuda:1 is not CuPy's current device: ops and backward must make it current, and results stay there."""
+    x = tinytf.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True, device=device)
+    y = ((x * 2).exp().sum(axis=1) @ tinytf.ones(2, device=device, dtype="float64")).log()
+    y.backward()
+    assert y.device == x.device == backend.canonical_device(device)
+    expected = 2 * np.exp(2 * np.arange(6.0).reshape(2, 3)) / np.exp(2 * np.arange(6.0)).sum()
+    np.testing.assert_allclose(tinytf.Tensor(x.grad).numpy(), expected)

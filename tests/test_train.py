@@ -180,3 +180,25 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, text_file):
     assert process.returncode == 130, stderr
     assert "interrupted: saved a checkpoint" in stdout and "Traceback" not in stderr
     assert load_checkpoint(out).meta["iteration"] >= 0
+
+
+def test_training_on_every_device_runs_resumes_and_samples(tmp_path, text_file, device, capsys):
+    """The CLIs with --device end to end; on "cuda" that is the GPU (or, without one, the CuPy stand-in)."""
+    import tinytf.sample as sample_module
+
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 4, "--eval-interval", 2, "--device", device) == 0
+    assert _run("--data", text_file, "--out", out, "--iters", 6, "--eval-interval", 2, "--device", device,
+                "--resume") == 0
+    assert [r["iter"] for r in _metrics(out)] == [2, 4, 6]
+    assert load_checkpoint(out).meta["iteration"] == 5
+    capsys.readouterr()
+    assert sample_module.main(["--ckpt", str(out), "--prompt", "line", "--max-new-tokens", "8", "--device", device,
+                               "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("line")
+
+
+def test_a_device_the_machine_lacks_is_one_line_and_exit_2(tmp_path, text_file, capsys):
+    assert _run("--data", text_file, "--out", tmp_path / "run", "--iters", 2, "--device", "cuda:3") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("tinytf.train: error: ") and "cuda:3" in error[0], error

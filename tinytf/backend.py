@@ -2,10 +2,14 @@
 
 This is the only module that knows CuPy exists. Everything else asks for the array module of its inputs with
 `get_array_module(*arrays)` and writes one formula for both backends (the dezero/Chainer idea).
+
+With TINYTF_CUDA_STANDIN=1 in the environment, "CuPy" is tinytf.testing.cupy_standin: CuPy's names and rules on
+host memory, so every GPU code path runs on a machine without a GPU (the GPU rehearsal; see that module).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -19,13 +23,23 @@ _cupy_import_error: BaseException | None = None
 _cupy_probed = False
 
 
+STANDIN_VARIABLE = "TINYTF_CUDA_STANDIN"
+STANDIN_MODULE = "tinytf.testing.cupy_standin"
+
+
+def uses_cuda_standin() -> bool:
+    """True when TINYTF_CUDA_STANDIN=1: the CuPy stand-in takes CuPy's place in this process."""
+    return os.environ.get(STANDIN_VARIABLE) == "1"
+
+
 def _load_cupy():
-    """Import CuPy on first use; remember why it failed so errors can say it."""
+    """Import CuPy (or its stand-in) on first use; remember why it failed so errors can say it."""
     global _cupy, _cupy_import_error, _cupy_probed
     if not _cupy_probed:
         _cupy_probed = True
         try:
-            _cupy = importlib.import_module("cupy")
+            # By name, like CuPy itself: the stand-in is a module in CuPy's place, not a layer backend builds on.
+            _cupy = importlib.import_module(STANDIN_MODULE if uses_cuda_standin() else "cupy")
         except Exception as error:  # CuPy raises more than ImportError when CUDA libraries are broken
             _cupy_import_error = error
     return _cupy
@@ -40,6 +54,11 @@ def cupy_module():
             "Install it with: pip install 'tinytf[gpu]' (CuPy for CUDA 12)."
         )
     return cupy
+
+
+def cupy_submodule(name: str):
+    """A submodule of CuPy (or of its stand-in) that `import cupy` does not load, such as "cuda.nccl"."""
+    return importlib.import_module(f"{cupy_module().__name__}.{name}")
 
 
 def get_array_module(*arrays):
@@ -113,9 +132,19 @@ def to_device(array, device):
         if is_cupy_array(array):
             return array.get()
         return np.asarray(array)
-    cupy = cupy_module()
-    with cupy.cuda.Device(int(device.split(":")[1])):
-        return cupy.asarray(array)
+    with device_scope(device):
+        if is_cupy_array(array) and f"cuda:{array.device.id}" != device:
+            return array.copy()  # CuPy copies onto the current device; asarray would keep the array where it is
+        return cupy_module().asarray(array)
+
+
+def device_scope(device: str):
+    """A context in which CuPy allocates and computes on `device` (a canonical name); nothing to do for the CPU.
+
+    CuPy runs kernels on its current device, so an op on arrays of cuda:1 must run with cuda:1 current."""
+    if device == "cpu":
+        return contextlib.nullcontext()
+    return cupy_module().cuda.Device(int(device.split(":")[1]))
 
 
 def to_numpy(array) -> np.ndarray:

@@ -169,7 +169,7 @@ def _nccl_module():
     """cupy.cuda.nccl, or a RuntimeError saying what to install."""
     backend.cupy_module()  # a clear error when CuPy itself is missing
     try:
-        nccl = importlib.import_module("cupy.cuda.nccl")
+        nccl = backend.cupy_submodule("cuda.nccl")
     except ImportError:
         nccl = None
     # CuPy's nccl module imports even when the NCCL library cannot be loaded; it then says so in `available`.

@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
-from .backend import device_of, get_array_module, to_device
+from .backend import device_of, device_scope, get_array_module, to_device
 from .tensor import Tensor
 
 
@@ -81,7 +81,8 @@ class Optimizer:
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
-                    self._update(param.data, param.grad, self.state.setdefault(id(param), {}), group)
+                    with device_scope(param.device):  # the state and scratch arrays go where the parameter is
+                        self._update(param.data, param.grad, self.state.setdefault(id(param), {}), group)
 
     def _scratch_like(self, array):
         """A scratch array of `array`'s shape, dtype and device: a view into one buffer per (device, dtype)."""

@@ -52,7 +52,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError("--prompt must not be empty")
 
 
-def sample(args: argparse.Namespace, out=sys.stdout) -> None:
+def sample(args: argparse.Namespace, out=None) -> None:
+    """Print the prompt and what the model writes after it to `out` (default: the current sys.stdout)."""
+    out = out or sys.stdout
     check_arguments(args)
     try:
         device = backend.check_device(args.device)

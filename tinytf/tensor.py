@@ -77,9 +77,13 @@ class Function:
     @classmethod
     def apply(cls, *inputs: Tensor, **params) -> Tensor:
         """Run forward on the inputs' arrays; record the graph when gradients are needed."""
-        _check_same_device(cls.__name__, inputs)
+        device = _common_device(cls.__name__, inputs)
         function = cls()
-        output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
+        if device is None:
+            output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
+        else:
+            with backend.device_scope(device):
+                output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
         if _grad_enabled:
             needs = tuple([tensor.requires_grad for tensor in inputs])
             if True in needs:
@@ -94,12 +98,13 @@ class Function:
         self._released = True
 
 
-def _check_same_device(op_name: str, tensors) -> None:
+def _common_device(op_name: str, tensors) -> str | None:
+    """The one device of the tensors, or None when all are NumPy arrays; a RuntimeError when they differ."""
     for tensor in tensors:
         if type(tensor.data) is not np.ndarray:  # only then can devices differ; the common case stops here
             break
     else:
-        return
+        return None
     devices = [tensor.device for tensor in tensors]
     for device in devices[1:]:
         if device != devices[0]:
@@ -107,6 +112,7 @@ def _check_same_device(op_name: str, tensors) -> None:
                 f"{op_name}: tensors are on different devices, {devices[0]} and {device}; "
                 "move them to one device with .to(device)"
             )
+    return devices[0]
 
 
 class Tensor:
@@ -194,6 +200,11 @@ class Tensor:
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input required grad)")
+        with backend.device_scope(self.device):  # CuPy computes on its current device: make it this tensor's
+            self._backpropagate(self._output_grad(grad), retain_graph)
+
+    def _output_grad(self, grad):
+        """d(loss)/d(self) as an array like self.data: ones for a scalar loss, else `grad` checked."""
         xp = backend.get_array_module(self.data)
         if grad is None:
             if self.data.size != 1:
@@ -206,7 +217,10 @@ class Tensor:
             grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): grad has shape {grad.shape}, expected the tensor's shape {self.shape}")
+        return grad
 
+    def _backpropagate(self, grad, retain_graph: bool) -> None:
+        """The reverse sweep: each node's gradient, complete, handed to its creator's backward."""
         # A node may feed several later nodes; its gradient is the sum over all of them, so it must be complete
         # before the node passes it on. Visiting nodes in reverse topological order guarantees that every consumer
         # of a node has already contributed when the node itself is reached.

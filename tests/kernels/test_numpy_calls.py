@@ -26,7 +26,8 @@ DATA_FREE = {
 
 HOST_SIDE_MODULES = {
     "data.py": "token batches come from memory-mapped files on the host and are moved to the device afterwards",
-    "testing.py": "gradient checks compare host copies in float64",
+    "testing/__init__.py": "gradient checks compare host copies in float64",
+    "testing/cupy_standin.py": "the CuPy stand-in computes with NumPy on host memory: that is what it is for",
     "sample.py": "command line: tokenizing text on the host",
     "train.py": "command line: loss bookkeeping and seeds on the host",
     "checkpoint.py": "safetensors files hold host arrays",

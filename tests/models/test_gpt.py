@@ -112,3 +112,31 @@ def test_generation_leaves_training_mode_as_it_was():
     model.train()
     model.generate([[1]], 2)
     assert model.training
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_the_model_trains_and_generates_alike_on_every_device(device, preset):
+    """Forward, backward, an AdamW step and KV-cache generation on `device` equal the CPU's (float32 rounding)."""
+    ids = np.random.default_rng(2).integers(0, 11, (2, 12))
+
+    def one_step(on):
+        model = _model(preset).to(on)
+        _, loss = model(ids, ids)
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        AdamW(model.parameters(), lr=1e-2).step()
+        return model, loss.item(), grads
+
+    model, loss, grads = one_step(device)
+    reference, reference_loss, reference_grads = one_step("cpu")
+    assert all(p.device == model.wte.weight.device and p.grad.__class__ is p.data.__class__
+               for p in model.parameters())
+    np.testing.assert_allclose(loss, reference_loss, rtol=1e-5)
+    for grad, reference_grad in zip(grads, reference_grads):
+        np.testing.assert_allclose(tinytf.Tensor(grad).numpy(), reference_grad, rtol=1e-4, atol=1e-6)
+    for parameter, reference_parameter in zip(model.parameters(), reference.parameters()):
+        np.testing.assert_allclose(parameter.numpy(), reference_parameter.numpy(), rtol=1e-4, atol=1e-6)
+    prompt = ids[:, :3]
+    generated = model.generate(prompt, 15, temperature=0)
+    assert generated.device == model.wte.weight.device
+    np.testing.assert_array_equal(generated.numpy(), reference.generate(prompt, 15, temperature=0).numpy())

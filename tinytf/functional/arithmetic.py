@@ -311,11 +311,16 @@ def clamp(a: Tensor, min=None, max=None) -> Tensor:
 
 def where(condition, a, b) -> Tensor:
     """Elements of `a` where `condition` is True, else of `b` (either may be a Python scalar)."""
-    condition = condition.data if isinstance(condition, Tensor) else condition
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         raise TypeError("where: at least one of the two value arguments must be a Tensor")
     a = as_tensor(a, b) if not isinstance(a, Tensor) else a
     b = as_tensor(b, a)
+    if isinstance(condition, Tensor):
+        if condition.device != a.device:
+            raise RuntimeError(f"where: the condition is on {condition.device}, the values on {a.device}")
+        condition = condition.data
+    else:
+        condition = backend.to_device(condition, a.device)  # host data (lists, NumPy arrays) goes to the values
     if getattr(condition, "dtype", None) != bool:
         raise TypeError(f"where: condition must be a boolean tensor, got dtype {getattr(condition, 'dtype', None)}")
     return Where.apply(a, b, condition=condition)

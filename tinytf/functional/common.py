@@ -61,9 +61,8 @@ def as_tensor(value, like: Tensor) -> Tensor:
         elif type(value) is int and dtype == bool:
             dtype = np.dtype(np.int64)
         scalar = dtype.type(value)
-        return Tensor(scalar if type(like.data) is np.ndarray else backend.get_array_module(like.data).asarray(scalar))
-    xp = backend.get_array_module(like.data)
-    return Tensor(xp.asarray(value))
+        return Tensor(scalar if type(like.data) is np.ndarray else backend.to_device(scalar, like.device))
+    return Tensor(backend.to_device(value, like.device))
 
 
 def normalize_axis(axis=None, dim=None, keepdims=None, keepdim=None):

@@ -49,13 +49,14 @@ def _integer_ids(op: str, ids, xp):
 def embedding(ids, weight: Tensor) -> Tensor:
     """Rows of `weight` (num_embeddings, dim) picked by integer `ids` of any shape."""
     xp = backend.get_array_module(weight.data)
-    data = _integer_ids("embedding", ids, xp)
     vocab = weight.shape[0]
-    if data.size:
-        low, high = int(data.min()), int(data.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            raise IndexError(f"embedding: id {bad} is out of range for a vocabulary of size {vocab}")
+    with backend.device_scope(weight.device):  # the ids go to, and are checked on, the weight's device
+        data = _integer_ids("embedding", ids, xp)
+        if data.size:
+            low, high = int(data.min()), int(data.max())
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise IndexError(f"embedding: id {bad} is out of range for a vocabulary of size {vocab}")
     return Embedding.apply(weight, ids=data)
 
 

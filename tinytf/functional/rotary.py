@@ -60,6 +60,8 @@ def apply_rotary(x: Tensor, cos, sin) -> Tensor:
     sin = sin.data if isinstance(sin, Tensor) else sin
     if cos.shape != (x.shape[-2], x.shape[-1]) or sin.shape != cos.shape:
         raise ValueError(f"apply_rotary: tables of shape {cos.shape} do not fit input of shape {x.shape}")
+    if backend.device_of(cos) != x.device:  # tables made on the host, for x on a GPU
+        cos, sin = backend.to_device(cos, x.device), backend.to_device(sin, x.device)
     return Rotary.apply(x, cos=cos, sin=sin)
 
 

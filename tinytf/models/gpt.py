@@ -144,7 +144,7 @@ class GPT(Module):
     # --- forward ------------------------------------------------------------------------------------------------
     def hidden_states(self, idx, kv_caches: list[KVCache] | None = None) -> Tensor:
         """Token ids (B, T) -> final normalized hidden states (B, T, C)."""
-        ids = idx.data if isinstance(idx, Tensor) else backend.get_array_module(self.wte.weight.data).asarray(idx)
+        ids = idx.data if isinstance(idx, Tensor) else backend.to_device(idx, self.wte.weight.device)
         if ids.ndim != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, time), got shape {ids.shape}")
         B, T = ids.shape

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
-from .tensor import Tensor, no_grad
+from .. import backend
+from ..tensor import Tensor, no_grad
 
 
 class GradcheckError(AssertionError):

@@ -1,0 +1,50 @@
+"""The CuPy stand-in refuses what CuPy refuses, and the names check can fail."""
+
+import numpy as np
+import pytest
+
+from rehearsal_names import missing_in
+from tinytf import backend
+
+if not backend.uses_cuda_standin():
+    pytest.skip("the CuPy stand-in is off (a real GPU, or TINYTF_CUDA_STANDIN=0)", allow_module_level=True)
+cupy = backend.cupy_module()
+
+
+def test_implicit_conversion_to_numpy_fails_as_in_cupy():
+    x = cupy.arange(4.0)
+    for convert in (np.asarray, np.exp, lambda a: a.__array__(), lambda a: np.concatenate([a])):
+        with pytest.raises(TypeError):
+            convert(x)
+    np.testing.assert_array_equal(x.get(), np.arange(4.0))
+    assert float(x.sum()) == 6.0 and isinstance(x.sum(), cupy.ndarray) and x.sum().ndim == 0
+
+
+def test_a_numpy_array_in_an_operation_fails_but_scalars_and_index_arrays_work():
+    x = cupy.ones(3)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        x + np.ones(3)
+    with pytest.raises(TypeError):
+        np.ones(3) + x
+    assert float((x + np.float32(2))[np.array([0, 2])].sum()) == 6.0
+
+
+def test_arrays_of_another_device_need_it_current():
+    on_first = cupy.ones(2)
+    with cupy.cuda.Device(1):
+        y = cupy.ones(2)
+    with pytest.raises(ValueError, match="current device"):
+        y * 2
+    with pytest.raises(ValueError, match="devices"):
+        with cupy.cuda.Device(1):
+            y + cupy.asarray(on_first)  # asarray keeps the cuda:0 array on cuda:0, as CuPy does
+    with cupy.cuda.Device(1):
+        assert (y * 2).device.id == 1
+    assert y.copy().device.id == 0  # copy() lands on the current device
+
+
+def test_the_names_check_reports_names_real_cupy_lacks():
+    real_cupy = pytest.importorskip("cupy")
+    names = {"cupy.exp": "a", "cupy.cuda.Device": "b", "cupy.ndarray.sum": "c", "cupy.no_such_name": "d",
+             "cupy.ndarray.no_such_method": "e"}
+    assert missing_in(real_cupy, names) == {"cupy.no_such_name": "d", "cupy.ndarray.no_such_method": "e"}
