@@ -28,7 +28,7 @@ if "TINYTF_CUDA_STANDIN" not in os.environ and not _real_gpu_present():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from devices import DEVICES  # noqa: E402
+from devices import DEVICES_AND_SECOND_GPU  # noqa: E402
 from rehearsal_names import check_cupy_names  # noqa: E402
 
 settings.register_profile(
@@ -38,9 +38,10 @@ settings.register_profile("thorough", max_examples=300, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=DEVICES_AND_SECOND_GPU)
 def device(request) -> str:
-    """Each test that takes `device` runs on the CPU and, with a GPU or the stand-in, on cuda:0."""
+    """Each test that takes `device` runs on the CPU and, with a GPU or the stand-in, on cuda:0, and on cuda:1 where
+    there is a second GPU (the stand-in has two): a device that is not CuPy's current one."""
     return request.param
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tinytf
-from devices import DEVICES
+from devices import DEVICES_AND_SECOND_GPU
 from tinytf.testing import gradcheck
 
 small_shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=5)
@@ -41,12 +41,12 @@ def check_op(op, reference, *arrays, grad: bool = True, atol: float = 1e-5, rtol
              float32_rtol: float = 1e-4, gradcheck_atol: float = 1e-5):
     """`op` works on Tensors, `reference` on NumPy arrays; both get the same inputs.
 
-    Checks, on the CPU and on a GPU (or the CuPy stand-in) where there is one: float64 forward equals the reference
+    Checks, on the CPU and on each GPU (or the CuPy stand-in's two; the second is not CuPy's current device): float64 forward equals the reference
     closely; float32 forward is float32 and close; gradients of every floating input match central differences in
     float64.
     """
     expected = np.asarray(reference(*arrays))
-    for device in DEVICES:
+    for device in DEVICES_AND_SECOND_GPU:
         tensors64 = [tinytf.tensor(a, device=device) for a in arrays]
         out64 = op(*tensors64)
         assert out64.shape == expected.shape, f"shape {out64.shape}, expected {expected.shape}"

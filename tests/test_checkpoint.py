@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tinytf import checkpoint
+from tinytf import backend, checkpoint
 from tinytf.checkpoint import (
     MANIFEST_NAME,
     CheckpointError,
@@ -65,6 +65,19 @@ def test_checkpoint_round_trips_weights_meta_and_optimizer_state(tmp_path):
     assert state["param_groups"] == [{"lr": 1e-3, "betas": [0.9, 0.95], "params": [0, 1]}]
     assert state["state"][0]["step"] == 3 and state["state"][1] == {}
     np.testing.assert_array_equal(state["state"][0]["exp_avg"], np.full((2, 2), 1.0))
+
+
+def test_arrays_on_a_device_are_saved_as_their_values(tmp_path, device):
+    """Weights and optimizer state held on a GPU (strided views too) reach the files as on the CPU."""
+    on_device = {name: backend.to_device(array, device) for name, array in _weights().items()}
+    on_device["lm_head.weight.T"] = backend.to_device(_weights()["lm_head.weight.T"].T, device).T
+    state = _optimizer_state()
+    state["state"][0] = {key: backend.to_device(value, device) if hasattr(value, "shape") else value
+                         for key, value in state["state"][0].items()}
+    save_checkpoint(tmp_path / "ckpt", on_device, _meta(), state)
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    _assert_arrays_equal(loaded.weights, _weights())
+    np.testing.assert_array_equal(loaded.optimizer_state["state"][0]["exp_avg_sq"], np.ones((2, 2)))
 
 
 def test_checkpoint_without_optimizer_state_loads_none(tmp_path):

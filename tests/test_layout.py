@@ -29,7 +29,7 @@ LAYERS = [
     ["tinytf.optim", "tinytf.data", "tinytf.checkpoint"],
     ["tinytf.interop", "tinytf.distributed"],
     ["tinytf.cli"],
-    ["tinytf.train", "tinytf.sample"],
+    ["tinytf.train", "tinytf.sample", "tinytf.gpu_check"],
 ]
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import tinytf
+from tinytf import backend
 from tinytf.checkpoint import load_checkpoint, save_checkpoint
 from tinytf.optim import SGD, AdamW, clip_grad_norm_, lr_at, weight_decay_groups
 
@@ -11,16 +12,18 @@ from tinytf.optim import SGD, AdamW, clip_grad_norm_, lr_at, weight_decay_groups
 SHAPES = [(3, 4), (4,), (2, 3, 2)]
 
 
-def _problem(seed=0, dtype=np.float64):
+def _problem(seed=0, dtype=np.float64, device="cpu"):
     rng = np.random.default_rng(seed)
-    params = [tinytf.tensor(rng.standard_normal(shape).astype(dtype), requires_grad=True) for shape in SHAPES]
-    targets = [rng.standard_normal(shape).astype(dtype) for shape in SHAPES]
+    params = [tinytf.tensor(rng.standard_normal(shape).astype(dtype), requires_grad=True, device=device)
+              for shape in SHAPES]
+    targets = [backend.to_device(rng.standard_normal(shape).astype(dtype), device) for shape in SHAPES]
     return params, targets
 
 
 def _set_grads(params, targets):
     for param, target in zip(params, targets):
-        param.grad = param.data - target
+        with backend.device_scope(param.device):
+            param.grad = param.data - target
 
 
 # --- AdamW ------------------------------------------------------------------------------------------------------------
@@ -43,16 +46,19 @@ def _adamw_reference(values, targets, steps, lr, betas, eps, weight_decay):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adamw_matches_the_textbook_update_over_several_steps(weight_decay):
-    params, targets = _problem()
-    initial = [p.data.copy() for p in params]
+def test_adamw_matches_the_textbook_update_over_several_steps(weight_decay, device):
+    params, targets = _problem(device=device)
+    initial = [p.numpy().copy() for p in params]  # numpy() shares a CPU tensor's memory, as in PyTorch
     optimizer = AdamW(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
     for _ in range(5):
         _set_grads(params, targets)
         optimizer.step()
-    expected = _adamw_reference(initial, targets, 5, 0.05, (0.8, 0.95), 1e-6, weight_decay)
+    host_targets = [backend.to_numpy(target) for target in targets]
+    expected = _adamw_reference(initial, host_targets, 5, 0.05, (0.8, 0.95), 1e-6, weight_decay)
     for param, value in zip(params, expected):
-        np.testing.assert_allclose(param.data, value, rtol=1e-12, atol=1e-14)
+        assert param.device == backend.canonical_device(device)
+        np.testing.assert_allclose(param.numpy(), value, rtol=1e-12, atol=1e-14)
+    assert {backend.device_of(optimizer.state[id(param)]["exp_avg"]) for param in params} == {params[0].device}
 
 
 def test_adamw_in_float32_stays_close_to_the_float64_reference():
@@ -140,8 +146,9 @@ def test_sgd_matches_the_reference_update_over_several_steps(momentum, nesterov,
     lambda params: AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=0.05),
     lambda params: SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
 ])
-def test_state_dict_through_a_checkpoint_continues_identically(tmp_path, make_optimizer):
-    params, targets = _problem()
+def test_state_dict_through_a_checkpoint_continues_identically(tmp_path, make_optimizer, device):
+    """Saved from the device, loaded onto it: the state lands where the parameters are, and the steps agree."""
+    params, targets = _problem(device=device)
     optimizer = make_optimizer(params)
     for _ in range(3):
         _set_grads(params, targets)
@@ -149,7 +156,8 @@ def test_state_dict_through_a_checkpoint_continues_identically(tmp_path, make_op
     save_checkpoint(tmp_path, {str(i): p.data for i, p in enumerate(params)}, {}, optimizer.state_dict())
 
     loaded = load_checkpoint(tmp_path)
-    resumed_params = [tinytf.tensor(loaded.weights[str(i)], requires_grad=True) for i in range(len(params))]
+    resumed_params = [tinytf.tensor(loaded.weights[str(i)], requires_grad=True, device=device)
+                      for i in range(len(params))]
     resumed = make_optimizer(resumed_params)
     for group in resumed.param_groups:
         group["lr"] = 123.0  # the saved options must win, as in PyTorch
@@ -159,8 +167,11 @@ def test_state_dict_through_a_checkpoint_continues_identically(tmp_path, make_op
         _set_grads(resumed_params, targets)
         optimizer.step()
         resumed.step()
+    for state in resumed.state.values():
+        assert all(backend.device_of(value) == backend.canonical_device(device)
+                   for value in state.values() if hasattr(value, "shape"))
     for param, resumed_param in zip(params, resumed_params):
-        np.testing.assert_array_equal(param.data, resumed_param.data)
+        np.testing.assert_array_equal(param.numpy(), resumed_param.numpy())
 
 
 def test_state_dict_is_a_snapshot():
@@ -236,20 +247,20 @@ def test_weight_decay_groups_decay_only_matrices():
 
 
 # --- clipping ---------------------------------------------------------------------------------------------------------
-def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before():
-    params, _ = _problem(dtype=np.float32)
+def test_clip_grad_norm_scales_to_max_norm_and_returns_the_norm_before(device):
+    params, _ = _problem(dtype=np.float32, device=device)
     rng = np.random.default_rng(1)
     for param in params:
-        param.grad = rng.standard_normal(param.shape).astype(np.float32)
+        param.grad = backend.to_device(rng.standard_normal(param.shape).astype(np.float32), device)
     params[1].grad = None
-    grads = [p.grad.copy() for p in params if p.grad is not None]
+    grads = [backend.to_numpy(p.grad).copy() for p in params if p.grad is not None]
     expected_norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
 
     total = clip_grad_norm_(params, max_norm=1.0)
     assert isinstance(total, float)
     assert total == pytest.approx(expected_norm, rel=1e-6)
     scale = 1.0 / (expected_norm + 1e-6)
-    clipped = [p.grad for p in params if p.grad is not None]
+    clipped = [backend.to_numpy(p.grad) for p in params if p.grad is not None]
     for grad, original in zip(clipped, grads):
         np.testing.assert_allclose(grad, original * scale, rtol=1e-6)
     assert math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in clipped)) == pytest.approx(1.0, rel=1e-5)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import backend
 from .tensor import Tensor
 
 
-def _array_module(device: str):
-    return np if backend.check_device(device) == "cpu" else backend.cupy_module()
+@contextlib.contextmanager
+def _allocating_on(device: str):
+    """The array module for `device`, with that device current: CuPy allocates and computes on its current one."""
+    device = backend.check_device(device)
+    with backend.device_scope(device):
+        yield np if device == "cpu" else backend.cupy_module()
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -34,32 +40,35 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -
     """
     if isinstance(data, Tensor):
         data = data.data
-    if backend.is_cupy_array(data) or isinstance(data, (np.ndarray, np.generic)):
-        array = data.copy() if not isinstance(data, np.generic) else np.asarray(data)
-    else:
-        array = np.array(data)
-        if array.dtype == np.float64:
-            array = array.astype(backend.DEFAULT_DTYPE)
-    if array.dtype == object or array.dtype.kind in "USV":
-        raise TypeError(f"tensor(): cannot make a numeric tensor from {type(data).__name__} data of dtype {array.dtype}")
-    return _finish(array, dtype, requires_grad, device)
+    with _allocating_on(device):  # a CuPy array's copy lands on the current device: the one asked for
+        if backend.is_cupy_array(data) or isinstance(data, (np.ndarray, np.generic)):
+            array = data.copy() if not isinstance(data, np.generic) else np.asarray(data)
+        else:
+            array = np.array(data)
+            if array.dtype == np.float64:
+                array = array.astype(backend.DEFAULT_DTYPE)
+        if array.dtype == object or array.dtype.kind in "USV":
+            raise TypeError(
+                f"tensor(): cannot make a numeric tensor from {type(data).__name__} data of dtype {array.dtype}"
+            )
+        return _finish(array, dtype, requires_grad, device)
 
 
 def zeros(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    xp = _array_module(device)
-    return _finish(xp.zeros(_shape(shape), dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE)), None, requires_grad, device)
+    with _allocating_on(device) as xp:
+        return _finish(xp.zeros(_shape(shape), dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE)), None, requires_grad, device)
 
 
 def ones(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    xp = _array_module(device)
-    return _finish(xp.ones(_shape(shape), dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE)), None, requires_grad, device)
+    with _allocating_on(device) as xp:
+        return _finish(xp.ones(_shape(shape), dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE)), None, requires_grad, device)
 
 
 def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    xp = _array_module(device)
     if dtype is None:
         dtype = backend.DEFAULT_DTYPE if isinstance(fill_value, float) else np.asarray(fill_value).dtype
-    return _finish(xp.full(_shape((shape,)), fill_value, dtype=dtype), None, requires_grad, device)
+    with _allocating_on(device) as xp:
+        return _finish(xp.full(_shape((shape,)), fill_value, dtype=dtype), None, requires_grad, device)
 
 
 def arange(start, end=None, step=1, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
@@ -69,24 +78,22 @@ def arange(start, end=None, step=1, dtype=None, requires_grad: bool = False, dev
     if dtype is None:
         is_float = any(isinstance(value, float) for value in (start, end, step))
         dtype = backend.DEFAULT_DTYPE if is_float else np.int64
-    xp = _array_module(device)
-    return _finish(xp.arange(start, end, step, dtype=dtype), None, requires_grad, device)
+    with _allocating_on(device) as xp:
+        return _finish(xp.arange(start, end, step, dtype=dtype), None, requires_grad, device)
 
 
 def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
     """Standard normal draws from the device's seeded generator."""
     dtype = backend.as_dtype(dtype or backend.DEFAULT_DTYPE)
-    _array_module(device)
-    array = backend.generator(device).standard_normal(_shape(shape), dtype=dtype)
-    return _finish(array, None, requires_grad, device)
+    with _allocating_on(device):
+        return _finish(backend.generator(device).standard_normal(_shape(shape), dtype=dtype), None, requires_grad, device)
 
 
 def rand(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
     """Uniform draws in [0, 1) from the device's seeded generator."""
     dtype = backend.as_dtype(dtype or backend.DEFAULT_DTYPE)
-    _array_module(device)
-    array = backend.generator(device).random(_shape(shape), dtype=dtype)
-    return _finish(array, None, requires_grad, device)
+    with _allocating_on(device):
+        return _finish(backend.generator(device).random(_shape(shape), dtype=dtype), None, requires_grad, device)
 
 
 def _like(maker):

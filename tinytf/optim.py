@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
-from .backend import device_of, device_scope, get_array_module, to_device
+from .backend import device_of, device_scope, get_array_module, to_device, to_numpy
 from .tensor import Tensor
 
 
@@ -160,7 +160,7 @@ class Optimizer:
                     raise ValueError(f"the saved {key!r} of parameter {index} has shape {tuple(value.shape)}, "
                                      f"the parameter has shape {param.shape}")
                 # A copy on the parameter's device: the optimizer must own its state, not share the caller's arrays.
-                value = to_device(value, param.device).astype(param.dtype, copy=True)
+                value = to_device(to_numpy(value).astype(param.dtype, copy=True), param.device)
             else:
                 value = int(value)
             state[key] = value
@@ -290,13 +290,14 @@ def clip_grad_norm_(params, max_norm: float) -> float:
     if not grads:
         return 0.0
     xp = get_array_module(*grads)
-    # vdot: one fused pass per gradient with no temporary, and one host sync for the total.
-    squares = [xp.vdot(g.ravel(), g.ravel()) for g in (_at_least_float32(xp, g) for g in grads)]
-    total_norm = float(xp.sqrt(xp.sum(xp.stack(squares))))
-    scale = max_norm / (total_norm + 1e-6)
-    if scale < 1.0 and math.isfinite(total_norm):
-        for grad in grads:
-            grad *= scale
+    with device_scope(device_of(grads[0])):
+        # vdot: one fused pass per gradient with no temporary, and one host sync for the total.
+        squares = [xp.vdot(g.ravel(), g.ravel()) for g in (_at_least_float32(xp, g) for g in grads)]
+        total_norm = float(xp.sqrt(xp.sum(xp.stack(squares))))
+        scale = max_norm / (total_norm + 1e-6)
+        if scale < 1.0 and math.isfinite(total_norm):
+            for grad in grads:
+                grad *= scale
     return total_norm
 
 

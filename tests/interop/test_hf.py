@@ -15,6 +15,7 @@ import safetensors.numpy
 
 import tinytf
 import tinytf.sample as sample_module
+from tinytf import backend
 from tinytf.checkpoint import CheckpointError
 from tinytf.interop import from_pretrained, save_pretrained
 from tinytf.models import GPT, GPTConfig
@@ -174,6 +175,25 @@ def _edit_config(folder, **changes):
 
 def test_save_and_load_round_trip_is_exact(saved):
     _assert_same_model(*saved)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_a_model_saved_from_a_device_loads_onto_it_with_the_same_logits(tmp_path, preset, device):
+    model = _tinytf_model(preset)
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 9))
+    with tinytf.no_grad():
+        expected = model(tinytf.tensor(ids))[0].numpy()
+        save_pretrained(model.to(device), tmp_path)
+        loaded = from_pretrained(tmp_path, device=device)
+        logits = loaded(tinytf.tensor(ids, device=device))[0]
+    assert {parameter.device for parameter in loaded.parameters()} == {backend.canonical_device(device)}
+    assert logits.device == backend.canonical_device(device)
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_onto_a_device_the_machine_lacks_fails_before_reading(tmp_path):
+    with pytest.raises(RuntimeError, match="cuda:7"):
+        from_pretrained(tmp_path / "does-not-exist", device="cuda:7")
 
 
 def test_loading_draws_no_initial_weights(saved):

@@ -43,8 +43,29 @@ def test_arrays_of_another_device_need_it_current():
     assert y.copy().device.id == 0  # copy() lands on the current device
 
 
+def test_views_of_another_devices_array_need_no_kernel_but_copies_do():
+    with cupy.cuda.Device(1):
+        y = cupy.arange(6.0).reshape(2, 3)
+    views = [y.reshape(3, 2), y.T, y[1], y[:, ::2], y[None, ..., 0], cupy.broadcast_to(y, (4, 2, 3)),
+             cupy.moveaxis(y, 0, 1), y.ravel()]
+    assert all(view.device.id == 1 for view in views)
+    assert float(views[2][0]) == 3.0
+    for needs_a_kernel in (lambda: y.T.reshape(6), lambda: y[np.array([0])], lambda: y[[True, False]],
+                           lambda: y.astype(np.float32)):
+        with pytest.raises(ValueError, match="current device"):
+            needs_a_kernel()
+
+
 def test_the_names_check_reports_names_real_cupy_lacks():
     real_cupy = pytest.importorskip("cupy")
     names = {"cupy.exp": "a", "cupy.cuda.Device": "b", "cupy.ndarray.sum": "c", "cupy.no_such_name": "d",
              "cupy.ndarray.no_such_method": "e"}
     assert missing_in(real_cupy, names) == {"cupy.no_such_name": "d", "cupy.ndarray.no_such_method": "e"}
+
+
+def test_cupy_names_that_are_builtins_too_leave_the_standins_own_code_alone():
+    """cupy.all, cupy.any, ... once looked up must not replace the builtins the stand-in calls (a device array as
+    an index was then taken for a basic index and handed to NumPy)."""
+    assert cupy.all(cupy.ones(2)) and cupy.any(cupy.ones(2)) and float(cupy.max(cupy.arange(3.0))) == 2.0
+    x = cupy.arange(5.0)
+    np.testing.assert_array_equal(x[cupy.asarray([4, 0])].get(), [4.0, 0.0])

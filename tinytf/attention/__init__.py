@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import device_scope, to_device
 from ..tensor import Tensor
 from . import cuda
 from .flash import FlashAttention, flash_attention_backward, flash_attention_forward
@@ -43,7 +43,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
     backend: "auto", "naive", "flash" or "cuda" (see the module docstring).
     """
     if attn_mask is not None and not isinstance(attn_mask, Tensor) and not hasattr(attn_mask, "shape"):
-        attn_mask = get_array_module(q.data).asarray(attn_mask)  # nested lists, onto q's device
+        attn_mask = to_device(attn_mask, q.device)  # nested lists, onto q's device
     _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if is_causal and q.shape[2] == 1:
@@ -52,12 +52,14 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
         backend = _choose_backend(q, k, attn_mask, dropout_p)
     elif backend != "naive":
         _check_backend_takes(backend, q, k, attn_mask, dropout_p)
-    if backend == "naive":
-        return naive_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p)
-    key_mask = None if attn_mask is None else key_padding_mask(attn_mask, k.shape[2], q.device)
-    if backend == "flash":
-        return FlashAttention.apply(q, k, v, scale=scale, is_causal=is_causal, key_mask=key_mask)
-    return cuda.launch_attention(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_mask)
+    with device_scope(q.device):  # the masks are built on q's device, which CuPy must have current
+        if backend == "naive":
+            return naive_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                   dropout_p=dropout_p)
+        key_mask = None if attn_mask is None else key_padding_mask(attn_mask, k.shape[2], q.device)
+        if backend == "flash":
+            return FlashAttention.apply(q, k, v, scale=scale, is_causal=is_causal, key_mask=key_mask)
+        return cuda.launch_attention(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_mask)
 
 
 def _tiles_take(attn_mask, dropout_p: float) -> bool:

@@ -406,7 +406,7 @@ def masked_softmax(a: Tensor, keep=None, scale: float = 1.0) -> Tensor:
     bias = None
     if keep is not None:
         xp = backend.get_array_module(a.data)
-        keep = keep.data if isinstance(keep, Tensor) else xp.asarray(keep)
+        keep = keep.data if isinstance(keep, Tensor) else backend.to_device(keep, a.device)
         if keep.dtype != bool:
             raise TypeError(f"masked_softmax: keep must be a boolean mask, got dtype {keep.dtype}")
         try:
@@ -414,7 +414,8 @@ def masked_softmax(a: Tensor, keep=None, scale: float = 1.0) -> Tensor:
                 raise ValueError
         except ValueError:
             raise ValueError(f"masked_softmax: mask of shape {keep.shape} does not broadcast to {a.shape}") from None
-        bias = xp.where(keep, a.dtype.type(0), a.dtype.type(float("-inf")))
+        with backend.device_scope(a.device):
+            bias = xp.where(keep, a.dtype.type(0), a.dtype.type(float("-inf")))
     return Softmax.apply(a, axis=-1, scale=float(scale), bias=bias)
 
 

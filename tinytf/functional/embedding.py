@@ -62,10 +62,14 @@ def embedding(ids, weight: Tensor) -> Tensor:
 
 def one_hot(ids, num_classes: int = -1) -> Tensor:
     """int64 tensor (..., num_classes) with a 1 at each id; num_classes=-1 uses max(id) + 1."""
-    xp = backend.get_array_module(ids.data if isinstance(ids, Tensor) else ids)
-    data = _integer_ids("one_hot", ids, xp)
-    if num_classes == -1:
-        num_classes = int(data.max()) + 1 if data.size else 0
-    if data.size and (int(data.min()) < 0 or int(data.max()) >= num_classes):
-        raise IndexError(f"one_hot: ids must lie in [0, {num_classes}), got range [{int(data.min())}, {int(data.max())}]")
-    return Tensor((data[..., None] == xp.arange(num_classes)).astype(xp.int64))
+    data = ids.data if isinstance(ids, Tensor) else ids
+    xp = backend.get_array_module(data)
+    with backend.device_scope(backend.device_of(data)):
+        data = _integer_ids("one_hot", data, xp)
+        if num_classes == -1:
+            num_classes = int(data.max()) + 1 if data.size else 0
+        if data.size and (int(data.min()) < 0 or int(data.max()) >= num_classes):
+            raise IndexError(
+                f"one_hot: ids must lie in [0, {num_classes}), got range [{int(data.min())}, {int(data.max())}]"
+            )
+        return Tensor((data[..., None] == xp.arange(num_classes)).astype(xp.int64))

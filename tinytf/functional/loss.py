@@ -46,7 +46,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     target_data = targets.data if isinstance(targets, Tensor) else targets
     xp = backend.get_array_module(logits.data)
-    target_data = xp.asarray(target_data)
+    target_data = backend.to_device(target_data, logits.device)
     if target_data.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {target_data.dtype}")
     if logits.ndim < 1 or logits.shape[:-1] != target_data.shape:
@@ -55,10 +55,11 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, red
             f"got {target_data.shape}"
         )
     num_classes = logits.shape[-1]
-    bad = ((target_data < 0) | (target_data >= num_classes)) & (target_data != ignore_index)
-    if bool(bad.any()):
-        first = int(target_data[bad].ravel()[0])
-        raise IndexError(f"cross_entropy: target {first} is out of range for {num_classes} classes")
+    with backend.device_scope(logits.device):  # the targets are checked where they are
+        bad = ((target_data < 0) | (target_data >= num_classes)) & (target_data != ignore_index)
+        if bool(bad.any()):
+            first = int(target_data[bad].ravel()[0])
+            raise IndexError(f"cross_entropy: target {first} is out of range for {num_classes} classes")
     flat_logits = logits.reshape(-1, num_classes)
     loss = CrossEntropy.apply(flat_logits, Tensor(target_data.reshape(-1)), ignore_index=ignore_index,
                               reduction=reduction)

@@ -193,12 +193,13 @@ _FAMILIES = {
 
 
 # --- loading ----------------------------------------------------------------------------------------------------------
-def from_pretrained(path) -> GPT:
-    """A GPT-2 or Llama model from a local Hugging Face folder, in float32 and in eval mode.
+def from_pretrained(path, device: str = "cpu") -> GPT:
+    """A GPT-2 or Llama model from a local Hugging Face folder, in float32, in eval mode, on `device`.
 
     Raises CheckpointError naming the file and the problem: not a local folder, a missing or malformed file, an
     unsupported setting (with its key and value), or tensors that do not fit the config (all of them listed).
     """
+    device = backend.check_device(device)  # before any file is read
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(
@@ -218,7 +219,7 @@ def from_pretrained(path) -> GPT:
     with skip_init():  # every parameter is loaded below
         model = GPT(config)
     model.load_state_dict(_to_tinytf(_read_weights(folder), model, family, folder))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _read_config(settings: _Settings, family: _Family) -> GPTConfig:

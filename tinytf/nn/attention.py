@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import backend
+from ..creation import zeros
 from ..tensor import Tensor
 from . import functional as F
 from .layers import Dropout, Linear
@@ -16,10 +17,10 @@ class KVCache:
     """
 
     def __init__(self, batch_size: int, n_kv_head: int, max_length: int, head_dim: int, dtype, device: str = "cpu"):
-        xp = backend.get_array_module() if backend.canonical_device(device) == "cpu" else backend.cupy_module()
         shape = (batch_size, n_kv_head, max_length, head_dim)
-        self.keys = backend.to_device(xp.zeros(shape, dtype=dtype), device)
-        self.values = backend.to_device(xp.zeros(shape, dtype=dtype), device)
+        self.keys = zeros(shape, dtype=dtype, device=device).data
+        self.values = zeros(shape, dtype=dtype, device=device).data
+        self.device = backend.canonical_device(device)
         self.max_length = max_length
         self.length = 0
 
@@ -30,8 +31,9 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_length} positions; {start} are used and {new} more do not fit")
         if keys.shape[:2] != self.keys.shape[:2] or keys.shape[3] != self.keys.shape[3]:
             raise ValueError(f"KV cache of shape {self.keys.shape} cannot take keys of shape {keys.shape}")
-        self.keys[:, :, start : start + new] = keys.data
-        self.values[:, :, start : start + new] = values.data
+        with backend.device_scope(self.device):  # the copy is a kernel on the cache's device
+            self.keys[:, :, start : start + new] = keys.data
+            self.values[:, :, start : start + new] = values.data
         self.length = start + new
         return Tensor(self.keys[:, :, : self.length]), Tensor(self.values[:, :, : self.length])
 

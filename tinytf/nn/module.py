@@ -189,8 +189,8 @@ class Module:
 def _converted(value, like):
     """`value` as a fresh array with the dtype and on the device of `like`."""
     value = value.data if isinstance(value, Tensor) else value
-    array = backend.to_device(backend.to_numpy(value), backend.device_of(like))
-    return array.astype(like.dtype, copy=True)
+    # Cast on the host, then one copy to the device: no kernel runs on a device that may not be the current one.
+    return backend.to_device(backend.to_numpy(value).astype(like.dtype, copy=True), backend.device_of(like))
 
 
 class ModuleList(Module):

@@ -25,6 +25,12 @@ def gradcheck(fn, *inputs, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 
     Inputs that are floating Tensors with requires_grad=True are checked; the rest are passed through unchanged.
     Raises GradcheckError naming the input, the worst element and both values; returns True otherwise.
     """
+    devices = [value.device for value in inputs if isinstance(value, Tensor)]
+    with backend.device_scope(devices[0] if devices else "cpu"):  # CuPy perturbs and reduces on its current device
+        return _gradcheck(fn, inputs, eps, atol, rtol, max_elements, directions, seed)
+
+
+def _gradcheck(fn, inputs, eps, atol, rtol, max_elements, directions, seed) -> bool:
     rng = np.random.default_rng(seed)
     inputs = [_as_float64(value) for value in inputs]
     checked = [i for i, value in enumerate(inputs) if isinstance(value, Tensor) and value.requires_grad]

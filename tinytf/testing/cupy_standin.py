@@ -325,6 +325,8 @@ class ndarray:
         return format(self._array.item() if self._array.ndim == 0 else self._array, spec)
 
     def __getitem__(self, key):
+        if _is_basic_index(key):
+            return _wrap(self._array[key], self._device_id)  # a view, as in CuPy, whichever device is current
         device = _operand_device((self, _host_arrays_dropped(key)))
         return _wrap(self._array[_unwrap(key)], device)
 
@@ -453,8 +455,35 @@ def _wrap(value, device: int):
     return value
 
 
+# Calls that CuPy answers with a view where the memory layout allows one: no kernel runs, so they work on arrays of
+# any device; where they must copy instead (a reshape of a non-contiguous array), CuPy runs a kernel, and the device
+# rule applies.
+_VIEW_CALLS = frozenset({
+    "ndarray.reshape", "ndarray.ravel", "ndarray.squeeze", "ndarray.swapaxes", "ndarray.transpose", "ndarray.view",
+    "ndarray.diagonal", "reshape", "ravel", "squeeze", "swapaxes", "transpose", "moveaxis", "rollaxis",
+    "expand_dims", "broadcast_to", "atleast_1d", "atleast_2d", "atleast_3d", "diagonal",
+})
+
+
+def _is_basic_index(key) -> bool:
+    """Integers, slices, None and Ellipsis only: NumPy's basic indexing, which CuPy answers with a view."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return all(isinstance(part, slice) or part is None or part is Ellipsis
+               or (isinstance(part, (int, _np.integer)) and not isinstance(part, (bool, _np.bool_))) for part in parts)
+
+
+def _is_view_of(result, array: ndarray) -> bool:
+    return isinstance(result, _np.ndarray) and _np.may_share_memory(result, array._array)
+
+
 def _wrapped_call(function, name: str, bound_to: ndarray | None = None):
     def call(*args, **kwargs):
+        if name in _VIEW_CALLS:
+            viewed = bound_to if bound_to is not None else args[0]
+            result = function(*_unwrap(args), **_unwrap(kwargs))
+            views = result if isinstance(result, (list, tuple)) else [result]
+            if isinstance(viewed, ndarray) and all(_is_view_of(view, viewed) for view in views):
+                return _wrap(result, viewed._device_id)
         device = _operand_device((bound_to, args, kwargs))
         result = function(*_unwrap(args), **_unwrap(kwargs))
         out = kwargs.get("out")
@@ -539,12 +568,17 @@ def get_array_module(*args):
     return sys.modules[__name__] if any(isinstance(arg, ndarray) for arg in args) else _np
 
 
+# cupy.<name> for NumPy's names, made once per name. Not cached in the module's globals: names such as all, any, min,
+# max and round would then shadow the builtins this module itself calls.
+_numpy_functions: dict[str, object] = {}
+
+
 def __getattr__(name: str):
     if name.startswith("_") or not hasattr(_np, name):
         raise AttributeError(f"module 'cupy' has no attribute {name!r}")
-    value = _numpy_function(name)
-    globals()[name] = value  # once per name
-    return value
+    if name not in _numpy_functions:
+        _numpy_functions[name] = _numpy_function(name)
+    return _numpy_functions[name]
 
 
 # --- random ----------------------------------------------------------------------------------------------------
