@@ -202,3 +202,91 @@ def test_a_device_the_machine_lacks_is_one_line_and_exit_2(tmp_path, text_file, 
     assert _run("--data", text_file, "--out", tmp_path / "run", "--iters", 2, "--device", "cuda:3") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("tinytf.train: error: ") and "cuda:3" in error[0], error
+
+
+# --- never lose a run (issue 14) --------------------------------------------------------------------------------------
+def test_divergence_never_replaces_the_good_checkpoint(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
+    good = load_checkpoint(out).weights
+    assert _run("--out", out, "--resume", "--iters", 6, "--eval-interval", 2, "--lr", "1e30", "--grad-clip", 0) == 1
+    error = capsys.readouterr().err
+    assert "the last good checkpoint (iteration 2)" in error
+    kept = load_checkpoint(out)
+    assert kept.meta["iteration"] == 1
+    for name, array in good.items():
+        np.testing.assert_array_equal(kept.weights[name], array)
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_starts_again(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 1) == 0
+    capsys.readouterr()
+    assert _run("--data", text_file, "--out", out, "--iters", 2) == 2
+    assert "holds a run already: continue it with --resume" in capsys.readouterr().err
+    assert [r["iter"] for r in _metrics(out)] == [1, 2]
+    assert _run("--data", text_file, "--out", out, "--iters", 3, "--eval-interval", 3, "--overwrite") == 0
+    assert [r["iter"] for r in _metrics(out)] == [3]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-layer", "2"], "--n-layer 2 (the checkpoint has 1)"),
+    (["--iters", "2"], "has done 2 iterations; pass --iters above that"),
+    (["--overwrite"], "pass one of them"),
+])
+def test_resume_refuses_what_it_would_otherwise_ignore(tmp_path, text_file, capsys, flags, message):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
+    capsys.readouterr()
+    assert train_module.main(["--out", str(out), "--resume", *flags]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("tinytf.train: error: ") and message in error[0], error
+
+
+def test_resume_takes_the_saved_options_and_drops_metrics_past_the_checkpoint(tmp_path, text_file):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 4, "--eval-interval", 2, "--lr", "3e-3") == 0
+    # a kill after evaluating and before saving, and one mid-line, leave lines the checkpoint does not cover
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write(json.dumps({"iter": 6, "train_loss": 1.0, "val_loss": 1.0}) + "\n" + '{"iter": 8, "tra')
+    save = load_checkpoint(out)
+    assert save.meta["train_args"]["lr"] == 3e-3
+    assert train_module.main(["--out", str(out), "--resume", "--iters", "6"]) == 0
+    assert [r["iter"] for r in _metrics(out)] == [2, 4, 6]
+    assert load_checkpoint(out).meta["train_args"]["lr"] == 3e-3 and load_checkpoint(out).meta["iteration"] == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-embd", "10", "--n-head", "4"], "--n-embd (10) must be divisible by --n-head (4)"),
+    (["--n-head", "4", "--n-kv-head", "3"], "must be a multiple of --n-kv-head (3)"),
+    (["--mlp-hidden", "0"], "--mlp-hidden must be at least 1"),
+    (["--block-size", "5000"], "fewer than --block-size + 1"),
+])
+def test_bad_model_settings_and_short_data_are_one_line_and_write_nothing(tmp_path, text_file, capsys, flags,
+                                                                         message):
+    out = tmp_path / "run"
+    assert _run("--data", text_file, "--out", out, "--iters", 2, *flags) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, text_file, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert _run("--data", text_file, "--out", tmp_path / "file", "--iters", 2) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(tmp_path, text_file, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "read_corpus", interrupted)
+    assert _run("--data", text_file, "--out", tmp_path / "run", "--iters", 2) == 130
+    assert capsys.readouterr().err.strip() == "tinytf.train: interrupted"
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train_module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and text.count("default: pydoc_data's text") == 1

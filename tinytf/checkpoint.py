@@ -228,6 +228,19 @@ def save_checkpoint(directory, weights: Mapping[str, Any], meta: Mapping, optimi
     return directory / MANIFEST_NAME
 
 
+def has_checkpoint(directory) -> bool:
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def remove_checkpoint(directory) -> None:
+    """Delete the checkpoint in `directory`: the manifest first (the commit point), then its files; the folder's
+    other files stay."""
+    directory = Path(directory)
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    _fsync_directory(directory)
+    _delete_superseded_files(directory, keep=set())
+
+
 def _delete_superseded_files(directory: Path, keep: set[str]) -> None:
     for path in directory.iterdir():
         if path.name not in keep and (_OWN_FILE.match(path.name) or _TEMPORARY_FILE.match(path.name)):

@@ -19,7 +19,8 @@ class UserError(Exception):
 
 def command_line(prog: str) -> Callable:
     """Decorate a command line's `main(argv) -> exit status`: a UserError it raises is printed as the one line
-    `prog: error: ...` on stderr, never a traceback, and main returns 2."""
+    `prog: error: ...` on stderr, never a traceback, and main returns 2; Ctrl-C prints `prog: interrupted` and
+    main returns 130."""
 
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -30,17 +31,22 @@ def command_line(prog: str) -> Callable:
                 print(f"{prog}: error: {error}", file=sys.stderr)
                 distributed.abort_job(2)  # in a data-parallel run the other ranks may be waiting for this one
                 return 2
+            except KeyboardInterrupt:  # Ctrl-C where the command has no checkpoint to save: one line, not a traceback
+                print(f"{prog}: interrupted", file=sys.stderr)
+                distributed.abort_job(130)
+                return 130
 
         return main_reporting_user_errors
 
     return decorate
 
 
-def load_trained_model(folder: Path, device: str = "cpu") -> tuple[GPT, CharTokenizer, Checkpoint]:
-    """(model in eval mode, tokenizer, checkpoint) from a folder written by tinytf.train; UserError when the folder
-    is missing or corrupt."""
+def load_trained_model(folder: Path, device: str = "cpu",
+                       checkpoint: Checkpoint | None = None) -> tuple[GPT, CharTokenizer, Checkpoint]:
+    """(model in eval mode, tokenizer, checkpoint) from a folder written by tinytf.train (or from its checkpoint,
+    already loaded); UserError when the folder is missing or corrupt."""
     try:
-        checkpoint = load_checkpoint(folder)
+        checkpoint = checkpoint if checkpoint is not None else load_checkpoint(folder)
         meta = checkpoint.meta
         config = GPTConfig(**meta["config"])
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])

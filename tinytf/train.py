@@ -14,9 +14,14 @@ Dropout draws from a generator per rank (rank 0 keeps the single-process stream,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
+import secrets
+import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, distributed
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, has_checkpoint, load_checkpoint, remove_checkpoint,
+                         save_checkpoint, write_atomic)
 from .cli import UserError, command_line, load_trained_model
 from .data import BatchSampler, CharTokenizer, TokenDataset, default_corpus, prepare_dataset, read_text
 from .models import GPT, GPTConfig
@@ -34,18 +40,32 @@ from .optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
 from .tensor import no_grad
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "mlp_hidden")
+# Options a resumed run takes from its checkpoint unless given again on the command line.
+TRAINING_OPTIONS = ("batch_size", "iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
+                    "grad_clip", "eval_interval", "eval_iters", "seed")
+TRAIN_FRACTION = 0.9  # of the text's characters go to the train split, the rest to val
+_NOT_GIVEN = object()
+
+
+class _DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" only where the help text does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tinytf.train",
         description="Train a character-level GPT on a text file (default: Python's documentation, offline).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnceFormatter,
     )
     data = parser.add_argument_group("data and output")
     data.add_argument("--data", type=Path, help="UTF-8 text file to train on (default: pydoc_data's text)")
     data.add_argument("--out", type=Path, default=Path("out"), help="folder for data, checkpoints and metrics")
     data.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    data.add_argument("--overwrite", action="store_true",
+                      help="start a new run in an --out that holds one, deleting its checkpoint and metrics")
     model = parser.add_argument_group("model (nanoGPT's CPU shakespeare_char configuration by default)")
     model.add_argument("--preset", choices=("gpt2", "llama"), default="gpt2",
                        help="gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU, GQA")
@@ -80,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, frozenset[str]]:
+    """The arguments, and the names of the options given on the command line (argparse fills in defaults only for
+    names the namespace lacks, so a namespace of placeholders tells the two apart)."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(defaults, _NOT_GIVEN)))
+    given = frozenset(name for name, value in vars(args).items() if value is not _NOT_GIVEN)
+    for name in defaults.keys() - given:
+        setattr(args, name, defaults[name])
+    return args, given
+
+
 def warmup_iters(args: argparse.Namespace) -> int:
     """--warmup-iters, or by default 100 steps (iters // 20 for runs shorter than 2,000 steps)."""
     return min(100, args.iters // 20) if args.warmup_iters is None else args.warmup_iters
@@ -99,6 +131,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if args.mlp_hidden is not None and args.mlp_hidden < 1:
+        raise UserError(f"--mlp-hidden must be at least 1, got {args.mlp_hidden}")
+    if args.n_kv_head is not None and args.n_head % args.n_kv_head:
+        raise UserError(f"--n-head ({args.n_head}) must be a multiple of --n-kv-head ({args.n_kv_head})")
+    if args.n_embd % args.n_head:
+        raise UserError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
 
 # --- data parallelism -------------------------------------------------------------------------------------------------
@@ -143,18 +183,46 @@ def agree_on_step(loss: float, stop_requested: bool) -> tuple[float, bool]:
 
 
 # --- data -------------------------------------------------------------------------------------------------------------
-def load_dataset(args: argparse.Namespace) -> TokenDataset:
-    """Prepare the text into `out/data` (uint16 token files read through memmap), or reopen it on --resume.
+def read_corpus(args: argparse.Namespace) -> tuple[str, str]:
+    """(text, its SHA-256) of --data, or of the default corpus."""
+    text = read_text(args.data) if args.data is not None else default_corpus()
+    return text, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_splits(text: str, block_size: int) -> None:
+    """Both splits must hold a window of block_size + 1 tokens: checked before anything is written."""
+    train_tokens = int(len(text) * TRAIN_FRACTION)
+    shortest = min(train_tokens, len(text) - train_tokens)
+    if shortest < block_size + 1:
+        raise UserError(f"the text has {len(text):,} characters: its {'train' if train_tokens == shortest else 'val'} "
+                        f"split would hold {shortest}, fewer than --block-size + 1 = {block_size + 1}; use more text "
+                        "or a smaller --block-size")
+
+
+def prepare_data(text: str, folder: Path) -> TokenDataset:
+    """Prepare `text` into `folder` (uint16 token files read through memmap) beside the old data, which is
+    replaced only once the new one is complete: an interrupted preparation leaves the old folder as it was."""
+    staging = folder.with_name(f".{folder.name}-{secrets.token_hex(4)}.partial")
+    prepare_dataset(text, staging, train_fraction=TRAIN_FRACTION)
+    superseded = folder.with_name(f".{folder.name}-{secrets.token_hex(4)}.old")
+    if folder.exists():
+        folder.rename(superseded)
+    staging.rename(folder)
+    shutil.rmtree(superseded, ignore_errors=True)
+    return TokenDataset.open(folder)
+
+
+def load_dataset(args: argparse.Namespace, text: str | None) -> TokenDataset:
+    """Prepare `text` into `out/data` on a new run, or reopen the prepared data on --resume (text None).
 
     In a data-parallel run the main rank prepares the files and the other ranks open them, so --out must be a folder
     that every rank sees (a shared filesystem when the ranks run on several machines).
     """
     folder = args.out / "data"
     dataset = None
-    if not args.resume and distributed.is_main():
-        text = read_text(args.data) if args.data is not None else default_corpus()
+    if text is not None and distributed.is_main():
         source = args.data or "pydoc_data.topics (Python's documentation)"
-        dataset = prepare_dataset(text, folder)
+        dataset = prepare_data(text, folder)
         announce(f"data: {source}: {len(text):,} characters, vocabulary of {dataset.tokenizer.vocab_size}, "
                  f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens")
     distributed.barrier()  # the other ranks open the files once the main rank has written them
@@ -180,8 +248,16 @@ class Run:
     averager: distributed.GradientAverager
     samplers: dict[str, BatchSampler]  # "train" for the steps, "eval" for estimate_loss
     tokenizer: CharTokenizer
+    data_sha256: str | None  # of the text the run trains on (None for checkpoints older than this field)
     start: int = 0  # the first iteration to run
     best_val: float = math.inf
+    saved_iteration: int | None = None  # of the checkpoint in --out, None before the first one
+
+    def kept_checkpoint(self) -> str:
+        """What the folder holds after a stop: said to the user, so it must be true."""
+        if self.saved_iteration is None:
+            return f"no checkpoint was written to {self.args.out}"
+        return f"the last good checkpoint (iteration {self.saved_iteration + 1}) in {self.args.out} is kept"
 
     @property
     def tokens_per_step(self) -> int:
@@ -192,21 +268,79 @@ class Run:
         return self.args.out / "metrics.jsonl"
 
 
-def set_up_run(args: argparse.Namespace) -> Run:
-    """Data, model, optimizer and samplers of a new run, or of the run saved in --out on --resume."""
+def check_out_folder(args: argparse.Namespace) -> None:
+    """Refuse what would lose or mix up a run: a fresh run over a saved one, a resume with nothing to resume."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    if args.resume and not has_checkpoint(args.out):
+        raise UserError(f"--resume: {args.out} holds no checkpoint to continue; start a new run without --resume")
+    if not args.resume and not args.overwrite and has_checkpoint(args.out):
+        raise UserError(f"{args.out} holds a run already: continue it with --resume, start it again with "
+                        "--overwrite (its checkpoint and metrics are deleted), or choose another --out")
+
+
+def take_saved_options(args: argparse.Namespace, given: frozenset[str], checkpoint: Checkpoint) -> None:
+    """On --resume: the checkpoint's model, and its training options unless given again; a model flag that
+    disagrees with the checkpoint, or --data naming another text, is refused rather than ignored."""
+    saved = checkpoint.meta.get("train_args")
+    config = checkpoint.meta.get("config")
+    if not isinstance(saved, dict) or not isinstance(config, dict):
+        raise UserError(f"cannot resume from {args.out}: its checkpoint has no training arguments or config")
+    saved_model = {**config, "preset": saved.get("preset")}
+    conflicts = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved_model.get(name)})"
+                 for name in ("preset", *MODEL_FLAGS) if name in given and getattr(args, name) != saved_model.get(name)]
+    if conflicts:
+        raise UserError(f"--resume continues the model saved in {args.out}, which these flags contradict: "
+                        f"{', '.join(conflicts)}; drop them, or start a new run in another --out")
+    for name in ("preset", *MODEL_FLAGS):
+        setattr(args, name, saved_model.get(name, getattr(args, name)))
+    for name in TRAINING_OPTIONS:
+        if name not in given and name in saved:
+            setattr(args, name, saved[name])
+        elif name in given and name in saved and getattr(args, name) != saved[name]:
+            announce(f"resume: --{name.replace('_', '-')} {getattr(args, name)} replaces the saved {saved[name]}")
+    if "data" in given:
+        _, data_sha256 = read_corpus(args)
+        if data_sha256 != checkpoint.meta.get("data_sha256", data_sha256):
+            raise UserError(f"--data {args.data} is not the text the run in {args.out} was trained on "
+                            f"({saved.get('data')}); drop --data to continue on the prepared data")
+
+
+def set_up_run(args: argparse.Namespace, checkpoint: Checkpoint | None) -> Run:
+    """Data, model, optimizer and samplers of a new run, or of the run in `checkpoint` on --resume. Every check
+    (the data, the device, the model's settings) runs before anything is written to --out."""
+    text = data_sha256 = None
     try:
         device = backend.check_device(rank_device(args.device))
-        args.out.mkdir(parents=True, exist_ok=True)
-        dataset = load_dataset(args)
+        if checkpoint is None:
+            text, data_sha256 = read_corpus(args)
+            check_splits(text, args.block_size)
+            overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
+            config = GPTConfig.from_preset(args.preset, vocab_size=CharTokenizer.from_text(text).vocab_size,
+                                           **overrides)
+        else:
+            data_sha256 = checkpoint.meta.get("data_sha256")
     except (OSError, ValueError, RuntimeError) as error:  # a bad data file, an unusable device or MPI
         raise UserError(str(error)) from None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and distributed.is_main():
+            remove_checkpoint(args.out)
+            for name in ("metrics.jsonl", "loss.png"):
+                (args.out / name).unlink(missing_ok=True)
+        dataset = load_dataset(args, text)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot {'prepare' if text is not None else 'open'} the data in {args.out / 'data'}: "
+                        f"{error}") from None
     backend.manual_seed(args.seed)
-    if args.resume:
-        model, _, checkpoint = load_trained_model(args.out, device)
+    if checkpoint is not None:
+        model, tokenizer, _ = load_trained_model(args.out, device, checkpoint)
+        if tokenizer.to_dict() != dataset.tokenizer.to_dict():
+            raise UserError(f"the prepared data in {args.out / 'data'} (a vocabulary of {dataset.tokenizer.vocab_size}) "
+                            f"is not the data the checkpoint was trained on (a vocabulary of {tokenizer.vocab_size}); "
+                            "start a new run with --overwrite or another --out")
         model.train()
     else:
-        overrides = {name: getattr(args, name) for name in MODEL_FLAGS}
-        config = GPTConfig.from_preset(args.preset, vocab_size=dataset.tokenizer.vocab_size, **overrides)
         model = GPT(config).to(device)
         seed_rank_dropout(args.seed)
     distributed.broadcast_parameters(model.parameters())  # equal by the shared seed already; now certainly
@@ -224,11 +358,12 @@ def set_up_run(args: argparse.Namespace) -> Run:
         samplers={"train": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed),
                   "eval": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed + 1)},
         tokenizer=dataset.tokenizer,
+        data_sha256=data_sha256,
     )
-    if args.resume:
+    if checkpoint is not None:
         restore_run(run, checkpoint)
     config = model.config
-    announce(f"model: {args.preset if not args.resume else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
+    announce(f"model: {args.preset if checkpoint is None else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
              f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
              f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
     if world > 1:
@@ -239,15 +374,43 @@ def set_up_run(args: argparse.Namespace) -> Run:
 
 def restore_run(run: Run, checkpoint: Checkpoint) -> None:
     """Continue where the checkpoint stands: its iteration, best loss, optimizer state, dropout and batch streams."""
-    run.start = checkpoint.meta["iteration"] + 1
-    run.best_val = checkpoint.meta["best_val_loss"]
     if checkpoint.optimizer_state is None:
         raise UserError(f"the checkpoint in {run.args.out} has no optimizer state to resume from")
-    run.optimizer.load_state_dict(checkpoint.optimizer_state)
-    restore_dropout_rng(checkpoint.meta["rng"], run.args.seed)
-    for name, sampler in run.samplers.items():
-        sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
+    try:
+        iteration, best_val = checkpoint.meta["iteration"], float(checkpoint.meta["best_val_loss"])
+        if not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"iteration {iteration!r} is not a count")
+        run.optimizer.load_state_dict(checkpoint.optimizer_state)
+        restore_dropout_rng(checkpoint.meta["rng"], run.args.seed)
+        for name, sampler in run.samplers.items():
+            sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
+    except (KeyError, TypeError, ValueError) as error:  # a manifest edited by hand, or damaged
+        raise UserError(f"cannot resume from the checkpoint in {run.args.out}: its state is damaged "
+                        f"({type(error).__name__}: {error})") from None
+    run.start, run.best_val, run.saved_iteration = iteration + 1, best_val, iteration
+    if run.args.iters <= run.start:
+        raise UserError(f"the run in {run.args.out} has done {run.start} iterations; pass --iters above that to "
+                        "continue it")
+    keep_metrics_up_to(run.metrics_path, run.start)
     announce(f"resumed from {run.args.out} at iteration {run.start}")
+
+
+def keep_metrics_up_to(path: Path, iterations: int) -> None:
+    """Drop the metrics of iterations past the checkpoint (a run killed after evaluating, before saving, or mid
+    line), so that metrics.jsonl describes the one run that continues."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= iterations:
+            kept.append(line)
+    if kept != lines:
+        write_atomic(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 def save_run(run: Run, iteration: int) -> None:
@@ -264,12 +427,26 @@ def save_run(run: Run, iteration: int) -> None:
         "tokenizer": run.tokenizer.to_dict(),
         "iteration": iteration,
         "best_val_loss": run.best_val,
+        "data_sha256": run.data_sha256,
         "train_args": {key: str(value) if isinstance(value, Path) else value for key, value in train_args.items()},
         "rng": {"tinytf": dropout_states[0], "tinytf_other_ranks": dropout_states[1:],
                 **{f"sampler_{name}": sampler.state_dict() for name, sampler in run.samplers.items()}},
     }
     save_checkpoint(run.args.out, {name: backend.to_numpy(a) for name, a in run.model.state_dict().items()}, meta,
                     run.optimizer.state_dict())
+    run.saved_iteration = iteration
+
+
+def weights_are_finite(run: Run) -> bool:
+    with backend.device_scope(run.device):
+        return all(bool(backend.get_array_module(p.data).isfinite(p.data).all()) for p in run.model.parameters())
+
+
+def load_run_checkpoint(folder: Path) -> Checkpoint:
+    try:
+        return load_checkpoint(folder)
+    except CheckpointError as error:
+        raise UserError(f"cannot load the checkpoint in {folder}: {error}") from None
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
@@ -302,9 +479,14 @@ def train_step(run: Run, lr: float) -> float:
     return loss.item()
 
 
-def evaluate_and_save(run: Run, iteration: int, lr: float, tokens_per_s: float, elapsed_s: float) -> None:
-    """After `iteration`: estimate both losses, append them to metrics.jsonl, print them and write a checkpoint."""
+def evaluate_and_save(run: Run, iteration: int, lr: float, tokens_per_s: float, elapsed_s: float) -> bool:
+    """After `iteration`: estimate both losses, append them to metrics.jsonl, print them and write a checkpoint.
+
+    Returns False, writing nothing, when a loss or a weight is not finite: a diverged model never replaces the
+    last good checkpoint."""
     losses = estimate_loss(run.model, run.samplers["eval"], run.args.eval_iters, run.device)
+    if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"]) and weights_are_finite(run)):
+        return False
     run.best_val = min(run.best_val, losses["val"])
     record = {"iter": iteration + 1, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
               "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}
@@ -312,6 +494,7 @@ def evaluate_and_save(run: Run, iteration: int, lr: float, tokens_per_s: float, 
         append_metrics(run.metrics_path, record)
     announce(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     save_run(run, iteration)
+    return True
 
 
 class StopRequest:
@@ -362,10 +545,22 @@ def plot_losses(metrics_path: Path, image_path: Path) -> None:
     print(f"loss curve: {image_path}")
 
 
-def train(args: argparse.Namespace) -> int:
-    """The training loop; returns the exit status: 0 done, 1 the loss diverged, 130 interrupted (checkpoint saved)."""
+def train(args: argparse.Namespace, given: frozenset[str] | None = None) -> int:
+    """The training loop; returns the exit status: 0 done, 1 the loss diverged, 130 interrupted (checkpoint saved).
+
+    `given`: the options given on the command line (by default, those that differ from the parser's defaults);
+    on --resume the others come from the checkpoint. `args` itself is left unchanged."""
+    args = argparse.Namespace(**vars(args))
+    if given is None:
+        defaults = vars(build_parser().parse_args([]))
+        given = frozenset(name for name, value in vars(args).items() if defaults.get(name) != value)
+    check_out_folder(args)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_run_checkpoint(args.out)
+        take_saved_options(args, given, checkpoint)
     check_arguments(args)
-    run = set_up_run(args)
+    run = set_up_run(args, checkpoint)
     started = time.perf_counter()
     window_start, window_steps = started, 0
     with StopRequest() as stop, tqdm(range(run.start, args.iters), initial=run.start, total=args.iters, unit="step",
@@ -377,8 +572,8 @@ def train(args: argparse.Namespace) -> int:
             loss, stop_requested = agree_on_step(train_step(run, lr), stop.requested)
             if not math.isfinite(loss):
                 progress.close()
-                announce(f"stopping: the loss became {loss} at iteration {iteration}; "
-                         f"the last good checkpoint in {args.out} is kept", file=sys.stderr)
+                announce(f"stopping: the loss became {loss} at iteration {iteration}; {run.kept_checkpoint()}",
+                         file=sys.stderr)
                 return 1
             window_steps += 1
             now = time.perf_counter()
@@ -387,9 +582,19 @@ def train(args: argparse.Namespace) -> int:
 
             last_step = iteration == args.iters - 1
             if (iteration + 1) % args.eval_interval == 0 or last_step:
-                evaluate_and_save(run, iteration, lr, tokens_per_s, elapsed_s=now - started)
+                if not evaluate_and_save(run, iteration, lr, tokens_per_s, elapsed_s=now - started):
+                    progress.close()
+                    announce(f"stopping: the loss estimate or the weights stopped being finite at iteration "
+                             f"{iteration + 1} (the model diverged; try a lower --lr or --grad-clip); "
+                             f"{run.kept_checkpoint()}", file=sys.stderr)
+                    return 1
                 window_start, window_steps = time.perf_counter(), 0
             if stop_requested and not last_step:
+                if not weights_are_finite(run):
+                    progress.close()
+                    announce(f"interrupted at iteration {iteration + 1} with weights that are not finite; "
+                             f"{run.kept_checkpoint()}", file=sys.stderr)
+                    return 1
                 save_run(run, iteration)
                 progress.close()
                 announce(f"interrupted: saved a checkpoint at iteration {iteration + 1} in {args.out}; "
@@ -404,7 +609,7 @@ def train(args: argparse.Namespace) -> int:
 
 @command_line("tinytf.train")
 def main(argv: list[str] | None = None) -> int:
-    exit_status = train(build_parser().parse_args(argv))
+    exit_status = train(*parse_arguments(argv))
     # Under `python -m mpi4py` a rank that exits non-zero (1: NaN, 130: interrupted) ends the whole job at once, so
     # no rank leaves before the main rank has written its checkpoint.
     distributed.barrier()

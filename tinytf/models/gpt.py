@@ -69,6 +69,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
+            raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer, got {self.mlp_hidden!r}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 32 * math.ceil(8 * self.n_embd / 3 / 32)
 
