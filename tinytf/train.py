@@ -17,11 +17,9 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
