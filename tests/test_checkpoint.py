@@ -123,7 +123,7 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, m
     _assert_arrays_equal(loaded.weights, _weights(0))
     assert loaded.meta["iteration"] == 10
     np.testing.assert_array_equal(loaded.optimizer_state["state"][0]["exp_avg"], np.full((2, 2), 1.0))
-    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert len(_own_files(tmp_path)) == 3  # the failed save removed its files: only the old generation's remain
 
 
 def test_a_crash_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -140,13 +140,11 @@ def test_a_crash_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["config.json"]
 
 
-def test_the_next_save_cleans_up_files_of_a_crashed_save(tmp_path, monkeypatch):
+def test_the_next_save_cleans_up_files_of_a_killed_save(tmp_path):
     save_checkpoint(tmp_path, _weights(0), _meta(10))
-    monkeypatch.setattr(checkpoint.os, "replace", _failing_replace_for(MANIFEST_NAME, []))
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path, _weights(1), _meta(20))
-    monkeypatch.undo()
-    (tmp_path / ".weights-0123abcd.safetensors.89abcdef.tmp").write_bytes(b"half a file")  # as a power cut leaves
+    # what a save killed before its manifest leaves: a complete file of its generation and a partial one
+    (tmp_path / "weights-0123abcd.safetensors").write_bytes(checkpoint.arrays_to_bytes(_weights(1)))
+    (tmp_path / ".optimizer-0123abcd.safetensors.89abcdef.tmp").write_bytes(b"half a file")
     assert len(_own_files(tmp_path)) == 3
     save_checkpoint(tmp_path, _weights(2), _meta(30))
     assert len(_own_files(tmp_path)) == 1
@@ -262,3 +260,101 @@ def test_load_arrays_reports_a_dtype_numpy_cannot_hold(tmp_path):
     path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     with pytest.raises(CheckpointError, match="bf16.safetensors: holds arrays of dtype 'BF16'"):
         load_arrays(path)
+
+
+# --- whole folders: staged replacement and the folder lock ------------------------------------------------------------
+def _tree(folder):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _staged(target, files):
+    staging = checkpoint.staging_folder(target)
+    for name, payload in files.items():
+        (staging / name).write_bytes(payload)
+    return staging
+
+
+def test_replacing_a_missing_folder_moves_the_staging_folder_in(tmp_path):
+    staging = _staged(tmp_path / "model", {"config.json": b"{}", "model.safetensors": b"new"})
+    assert staging.parent == tmp_path and staging.name.startswith(".model-")
+    checkpoint.replace_folder_contents(staging, tmp_path / "model")
+    assert _tree(tmp_path / "model") == {"config.json": b"{}", "model.safetensors": b"new"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "unavailable"])
+def test_replacing_a_folder_keeps_its_other_entries(tmp_path, monkeypatch, exchange):
+    target = tmp_path / "model"
+    (target / "docs").mkdir(parents=True)
+    (target / "docs" / "README.md").write_bytes(b"mine")
+    (target / "tokenizer.json").write_bytes(b"tok")
+    (target / "model.safetensors").write_bytes(b"old")
+    if exchange == "unavailable":
+        monkeypatch.setattr(checkpoint, "_exchange_paths", lambda first, second: False)
+    checkpoint.replace_folder_contents(_staged(target, {"model.safetensors": b"new", "config.json": b"{}"}), target)
+    assert _tree(target) == {"config.json": b"{}", "docs/README.md": b"mine", "model.safetensors": b"new",
+                             "tokenizer.json": b"tok"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_the_exchange_swaps_two_folders_in_one_step(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"a")
+    assert checkpoint._exchange_paths(tmp_path / "a", tmp_path / "b")
+    assert _tree(tmp_path / "b") == {"x": b"a"} and _tree(tmp_path / "a") == {}
+
+
+def test_a_folder_holding_the_current_directory_is_replaced_file_by_file(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    (target / "inner").mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"old")
+    monkeypatch.chdir(target / "inner")
+    checkpoint.replace_folder_contents(_staged(target, {"model.safetensors": b"new"}), target)
+    assert os.path.samefile(os.getcwd(), target / "inner")  # the working directory did not move away
+    assert _tree(target) == {"model.safetensors": b"new"}
+
+
+def test_leftover_staging_folders_of_one_target_are_removed(tmp_path):
+    leftover = checkpoint.staging_folder(tmp_path / "data")
+    other = checkpoint.staging_folder(tmp_path / "data2")
+    (tmp_path / ".data-notours.partial").mkdir()
+    checkpoint.remove_staging_folders(tmp_path / "data")
+    assert not leftover.exists() and other.exists() and (tmp_path / ".data-notours.partial").exists()
+
+
+def test_a_locked_folder_refuses_a_second_owner_naming_the_first(tmp_path):
+    with checkpoint.FolderLock(tmp_path / "run") as lock:
+        assert lock.locked and (tmp_path / "run" / checkpoint.LOCK_NAME).exists()
+        with pytest.raises(checkpoint.FolderInUse, match=rf"in use by another process \(pid {os.getpid()} "):
+            checkpoint.FolderLock(tmp_path / "run").__enter__()
+    assert not (tmp_path / "run").exists()  # created for the lock, empty: removed again
+    with checkpoint.FolderLock(tmp_path / "a" / "b" / "run"):
+        pass
+    assert sorted(tmp_path.iterdir()) == []
+    with checkpoint.FolderLock(tmp_path / "run") as lock:
+        (tmp_path / "run" / "kept").write_text("x")
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["kept"]
+
+
+def test_a_lock_held_by_another_process_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from tinytf.checkpoint import FolderLock\n"
+         f"lock = FolderLock({str(tmp_path)!r}).__enter__(); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(checkpoint.FolderInUse, match=rf"pid {holder.pid} "):
+            checkpoint.FolderLock(tmp_path).__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        holder.kill()
+    assert (tmp_path / checkpoint.LOCK_NAME).exists()  # left behind by the killed holder: stale
+    with checkpoint.FolderLock(tmp_path) as lock:
+        assert lock.locked and lock.stale_holder["pid"] == holder.pid
+    assert not (tmp_path / checkpoint.LOCK_NAME).exists()

@@ -10,31 +10,18 @@ import pytest
 import tinytf.train as train_module
 from tinytf.checkpoint import load_checkpoint
 from tinytf.models import GPT
-
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--seed", "7"]
+from training_runs import TINY, StopAfter, metrics, run_tiny, write_corpus
 
 
 @pytest.fixture
 def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    lines = [f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)]
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
-
-
-def _run(*args):
-    return train_module.main([*TINY, *map(str, args)])
-
-
-def _metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def test_training_writes_metrics_and_a_checkpoint_and_lowers_the_loss(tmp_path, text_file):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 300, "--eval-interval", 100, "--lr", "3e-3") == 0
-    records = _metrics(out)
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 300, "--eval-interval", 100, "--lr", "3e-3") == 0
+    records = metrics(out)
     assert [r["iter"] for r in records] == [100, 200, 300]
     assert set(records[0]) == {"iter", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
     # Below the entropy of the character frequencies: only a model that uses the context gets there.
@@ -45,39 +32,18 @@ def test_training_writes_metrics_and_a_checkpoint_and_lowers_the_loss(tmp_path, 
     assert checkpoint.meta["iteration"] == 299 and checkpoint.optimizer_state is not None
 
 
-class _StopAfter:
-    """Stands in for Ctrl-C: asks the loop to stop once `steps` steps have completed."""
-
-    def __init__(self, steps):
-        self.steps, self.checks = steps, 0
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        pass
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= self.steps
-
-
 @pytest.mark.parametrize("preset", ["gpt2", "llama"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, text_file, monkeypatch, preset):
     common = ["--data", text_file, "--iters", 12, "--eval-interval", 4, "--dropout", "0.1", "--preset", preset]
-    assert _run(*common, "--out", tmp_path / "straight") == 0
+    assert run_tiny(*common, "--out", tmp_path / "straight") == 0
 
-    monkeypatch.setattr(train_module, "StopRequest", _StopAfter(6))
-    assert _run(*common, "--out", tmp_path / "resumed") == 130
+    monkeypatch.setattr(train_module, "StopRequest", StopAfter(6))
+    assert run_tiny(*common, "--out", tmp_path / "resumed") == 130
     assert load_checkpoint(tmp_path / "resumed").meta["iteration"] == 5
     monkeypatch.undo()
-    assert _run(*common, "--out", tmp_path / "resumed", "--resume") == 0
+    assert run_tiny(*common, "--out", tmp_path / "resumed", "--resume") == 0
 
-    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     for a, b in zip(straight, resumed, strict=True):
         assert (a["iter"], a["train_loss"], a["val_loss"]) == (b["iter"], b["train_loss"], b["val_loss"])
     weights_a = load_checkpoint(tmp_path / "straight").weights
@@ -99,8 +65,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, 
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward_that_diverges)
-    assert _run("--data", text_file, "--out", out, "--iters", 10, "--eval-interval", 3) == 1
-    assert "the loss became nan at iteration 6" in capsys.readouterr().err
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 10, "--eval-interval", 3) == 1
+    assert "the loss became nan at iteration 7" in capsys.readouterr().err
     assert load_checkpoint(out).meta["iteration"] == 5
 
 
@@ -115,16 +81,16 @@ def test_bad_data_files_exit_with_a_clear_message(tmp_path, capsys, content, mes
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content, encoding="utf-8")
-    assert _run("--data", path, "--out", tmp_path / "out", "--iters", 1) == 2
+    assert run_tiny("--data", path, "--out", tmp_path / "out", "--iters", 1) == 2
     err = capsys.readouterr().err
     assert err.startswith("tinytf.train: error:") and "Traceback" not in err
     assert any(part in err for part in message.split("|")), err
 
 
 def test_bad_arguments_and_missing_checkpoint(tmp_path, text_file, capsys):
-    assert _run("--data", text_file, "--out", tmp_path / "a", "--iters", 0) == 2
+    assert run_tiny("--data", text_file, "--out", tmp_path / "a", "--iters", 0) == 2
     assert "--iters must be at least 1" in capsys.readouterr().err
-    assert _run("--data", text_file, "--out", tmp_path / "b", "--resume") == 2
+    assert run_tiny("--data", text_file, "--out", tmp_path / "b", "--resume") == 2
     assert "tinytf.train: error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_module.main(["--n-layer", "many"])
@@ -141,10 +107,10 @@ def test_training_leaves_its_arguments_unchanged(tmp_path, text_file):
 
 def test_corrupt_checkpoint_is_reported_on_resume(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
     weights = next(out.glob("weights-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    assert _run("--data", text_file, "--out", out, "--iters", 4, "--resume") == 2
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 4, "--resume") == 2
     assert "cannot load the checkpoint" in capsys.readouterr().err
 
 
@@ -187,10 +153,10 @@ def test_training_on_every_device_runs_resumes_and_samples(tmp_path, text_file, 
     import tinytf.sample as sample_module
 
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 4, "--eval-interval", 2, "--device", device) == 0
-    assert _run("--data", text_file, "--out", out, "--iters", 6, "--eval-interval", 2, "--device", device,
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 4, "--eval-interval", 2, "--device", device) == 0
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 6, "--eval-interval", 2, "--device", device,
                 "--resume") == 0
-    assert [r["iter"] for r in _metrics(out)] == [2, 4, 6]
+    assert [r["iter"] for r in metrics(out)] == [2, 4, 6]
     assert load_checkpoint(out).meta["iteration"] == 5
     capsys.readouterr()
     assert sample_module.main(["--ckpt", str(out), "--prompt", "line", "--max-new-tokens", "8", "--device", device,
@@ -199,7 +165,7 @@ def test_training_on_every_device_runs_resumes_and_samples(tmp_path, text_file, 
 
 
 def test_a_device_the_machine_lacks_is_one_line_and_exit_2(tmp_path, text_file, capsys):
-    assert _run("--data", text_file, "--out", tmp_path / "run", "--iters", 2, "--device", "cuda:3") == 2
+    assert run_tiny("--data", text_file, "--out", tmp_path / "run", "--iters", 2, "--device", "cuda:3") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("tinytf.train: error: ") and "cuda:3" in error[0], error
 
@@ -207,9 +173,9 @@ def test_a_device_the_machine_lacks_is_one_line_and_exit_2(tmp_path, text_file, 
 # --- never lose a run (issue 14) --------------------------------------------------------------------------------------
 def test_divergence_never_replaces_the_good_checkpoint(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
     good = load_checkpoint(out).weights
-    assert _run("--out", out, "--resume", "--iters", 6, "--eval-interval", 2, "--lr", "1e30", "--grad-clip", 0) == 1
+    assert run_tiny("--out", out, "--resume", "--iters", 6, "--eval-interval", 2, "--lr", "1e30", "--grad-clip", 0) == 1
     error = capsys.readouterr().err
     assert "the last good checkpoint (iteration 2)" in error
     kept = load_checkpoint(out)
@@ -220,13 +186,13 @@ def test_divergence_never_replaces_the_good_checkpoint(tmp_path, text_file, caps
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_starts_again(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 1) == 0
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 1) == 0
     capsys.readouterr()
-    assert _run("--data", text_file, "--out", out, "--iters", 2) == 2
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 2) == 2
     assert "holds a run already: continue it with --resume" in capsys.readouterr().err
-    assert [r["iter"] for r in _metrics(out)] == [1, 2]
-    assert _run("--data", text_file, "--out", out, "--iters", 3, "--eval-interval", 3, "--overwrite") == 0
-    assert [r["iter"] for r in _metrics(out)] == [3]
+    assert [r["iter"] for r in metrics(out)] == [1, 2]
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 3, "--eval-interval", 3, "--overwrite") == 0
+    assert [r["iter"] for r in metrics(out)] == [3]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -236,7 +202,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_starts_agai
 ])
 def test_resume_refuses_what_it_would_otherwise_ignore(tmp_path, text_file, capsys, flags, message):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 2, "--eval-interval", 2) == 0
     capsys.readouterr()
     assert train_module.main(["--out", str(out), "--resume", *flags]) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -245,14 +211,14 @@ def test_resume_refuses_what_it_would_otherwise_ignore(tmp_path, text_file, caps
 
 def test_resume_takes_the_saved_options_and_drops_metrics_past_the_checkpoint(tmp_path, text_file):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 4, "--eval-interval", 2, "--lr", "3e-3") == 0
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 4, "--eval-interval", 2, "--lr", "3e-3") == 0
     # a kill after evaluating and before saving, and one mid-line, leave lines the checkpoint does not cover
     with open(out / "metrics.jsonl", "a") as file:
         file.write(json.dumps({"iter": 6, "train_loss": 1.0, "val_loss": 1.0}) + "\n" + '{"iter": 8, "tra')
     save = load_checkpoint(out)
     assert save.meta["train_args"]["lr"] == 3e-3
     assert train_module.main(["--out", str(out), "--resume", "--iters", "6"]) == 0
-    assert [r["iter"] for r in _metrics(out)] == [2, 4, 6]
+    assert [r["iter"] for r in metrics(out)] == [2, 4, 6]
     assert load_checkpoint(out).meta["train_args"]["lr"] == 3e-3 and load_checkpoint(out).meta["iteration"] == 5
 
 
@@ -265,7 +231,7 @@ def test_resume_takes_the_saved_options_and_drops_metrics_past_the_checkpoint(tm
 def test_bad_model_settings_and_short_data_are_one_line_and_write_nothing(tmp_path, text_file, capsys, flags,
                                                                          message):
     out = tmp_path / "run"
-    assert _run("--data", text_file, "--out", out, "--iters", 2, *flags) == 2
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 2, *flags) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0], error
     assert not out.exists()
@@ -273,7 +239,7 @@ def test_bad_model_settings_and_short_data_are_one_line_and_write_nothing(tmp_pa
 
 def test_an_out_that_is_a_file_is_refused(tmp_path, text_file, capsys):
     (tmp_path / "file").write_text("mine")
-    assert _run("--data", text_file, "--out", tmp_path / "file", "--iters", 2) == 2
+    assert run_tiny("--data", text_file, "--out", tmp_path / "file", "--iters", 2) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
 
 
@@ -281,7 +247,7 @@ def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(tmp_path, text_file, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(train_module, "read_corpus", interrupted)
-    assert _run("--data", text_file, "--out", tmp_path / "run", "--iters", 2) == 130
+    assert run_tiny("--data", text_file, "--out", tmp_path / "run", "--iters", 2) == 130
     assert capsys.readouterr().err.strip() == "tinytf.train: interrupted"
 
 

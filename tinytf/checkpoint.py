@@ -11,15 +11,24 @@ Each save writes its array files under a fresh token and replaces the manifest l
 point: a crash at any moment leaves the previous manifest naming the previous files, which are untouched, so the
 old checkpoint loads whole; files of the superseded generation are deleted only after the new manifest is in place.
 The manifest also records each file's SHA-256, so a file damaged later is reported instead of loaded.
+
+Two helpers keep a folder whole when several files must change together or several processes might write it:
+`replace_folder_contents` moves a staged folder's files in at once (one atomic exchange on Linux), and `FolderLock`
+lets one process at a time own a folder (a kernel lock that a killed holder cannot leave behind).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +40,11 @@ import safetensors.numpy
 
 from .backend import to_device
 
+try:
+    import fcntl  # POSIX; without it (Windows) FolderLock cannot lock and says so
+except ImportError:
+    fcntl = None
+
 MANIFEST_NAME = "checkpoint.json"
 FORMAT_NAME = "tinytf-checkpoint"
 FORMAT_VERSION = 1
@@ -40,6 +54,7 @@ ARRAY_MARKER = "$array"
 _OWN_NAME = r"(weights|optimizer)-[0-9a-f]{8}\.(safetensors|json)"
 _OWN_FILE = re.compile(rf"^{_OWN_NAME}$")
 _TEMPORARY_FILE = re.compile(rf"^\.({_OWN_NAME}|checkpoint\.json)\.[0-9a-f]{{8}}\.tmp$")
+LOCK_NAME = "run.lock"
 
 
 class CheckpointError(ValueError):
@@ -152,6 +167,182 @@ def _json_from_bytes(path: Path, payload: bytes):
         ) from None
 
 
+# --- whole folders: staged replacement, and one owner at a time -------------------------------------------------------
+def staging_folder(target) -> Path:
+    """A new, empty folder beside `target` (same filesystem, so its files can be renamed into `target`)."""
+    target = Path(target).absolute()
+    staging = target.with_name(f".{target.name}-{secrets.token_hex(4)}.partial")
+    staging.mkdir(parents=True)
+    return staging
+
+
+def remove_staging_folders(target) -> None:
+    """Delete the staging folders that processes killed while filling them left beside `target`. Only for a
+    folder that this process owns (through FolderLock): another writer's staging folder would go too."""
+    target = Path(target).absolute()
+    pattern = re.compile(rf"^\.{re.escape(target.name)}-[0-9a-f]{{8}}\.partial$")
+    if target.parent.is_dir():
+        for path in target.parent.iterdir():
+            if pattern.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def replace_folder_contents(staging, target) -> None:
+    """Move every file of the folder `staging` into the folder `target` together, and remove `staging`.
+
+    A crash at any moment leaves `target` with all of its old files or all of the new ones, never a mix: a missing
+    `target` is created by one rename; an existing one is exchanged with `staging` by one atomic renameat2
+    (RENAME_EXCHANGE) once `staging` also holds `target`'s other entries (as hard links where the filesystem allows).
+    Where the exchange is unavailable (not Linux, a filesystem without it) or `target` holds the current directory
+    (which must not move), the files are replaced one by one, each atomically.
+    """
+    staging, target = Path(staging).absolute(), Path(target).absolute()
+    if not target.exists():
+        os.rename(staging, target)
+        _fsync_directory(target.parent)
+        return
+    cwd = Path.cwd()
+    carried = set()
+    if cwd != target and target not in cwd.parents:
+        carried = _carry_over_entries(target, staging)
+        _fsync_directory(staging)  # its entries are on disk before the exchange makes them the target's
+        if _exchange_paths(staging, target):
+            _fsync_directory(target.parent)
+            shutil.rmtree(staging)  # it holds the old entries now
+            return
+    for path in staging.iterdir():
+        if path.name not in carried:
+            os.replace(path, target / path.name)
+    _fsync_directory(target)
+    shutil.rmtree(staging)
+
+
+def _carry_over_entries(source: Path, destination: Path) -> set[str]:
+    """Give `destination` the entries of `source` it lacks (hard links, or copies across filesystems); returns
+    their names."""
+    carried = set()
+    for path in source.iterdir():
+        copy = destination / path.name
+        if copy.exists() or copy.is_symlink():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, copy, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, copy)
+        carried.add(path.name)
+    return carried
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
+    if renameat2 is None:
+        return False
+    current_directory, rename_exchange = -100, 2  # AT_FDCWD and RENAME_EXCHANGE from <fcntl.h>, <linux/fs.h>
+    if renameat2(current_directory, os.fsencode(first), current_directory, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # the kernel or the filesystem cannot exchange
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+class FolderInUse(RuntimeError):
+    """Another running process holds the folder's lock: the message names it (pid, host, since when)."""
+
+
+class FolderLock:
+    """Exclusive ownership of a folder by one process at a time: `with FolderLock(folder) as lock: ...`.
+
+    The lock is the kernel's advisory flock on `folder/run.lock`, which the kernel releases when its holder ends in
+    any way, kill -9 included: a lock file left behind by a killed process is stale by construction and the next
+    owner takes it over (`stale_holder` then says whose it was). The file records the holder, for the message that a
+    second process gets. The folder is created if missing, and on release the folders created for it are removed
+    again if they are still empty. Where the platform or the filesystem has no such locks, `locked` is False and
+    nothing is locked.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.locked = False
+        self.stale_holder: dict | None = None
+        self._descriptor: int | None = None
+        self._created_folders: list[Path] = []
+
+    def __enter__(self) -> FolderLock:
+        folder = self.folder.absolute()
+        self._created_folders = [path for path in (folder, *folder.parents) if not path.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return self
+        try:
+            self._descriptor = self._open_locked()
+        except BaseException:
+            self._remove_created_folders()
+            raise
+        if self._descriptor is not None:
+            self.locked = True
+            self.stale_holder = _read_holder(self._descriptor)
+            holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode("utf-8")
+            os.ftruncate(self._descriptor, 0)
+            os.pwrite(self._descriptor, holder, 0)
+        return self
+
+    def _open_locked(self) -> int | None:
+        """A descriptor of the lock file, locked; None where the filesystem has no locks; FolderInUse if held."""
+        while True:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(descriptor) or {}
+                os.close(descriptor)
+                raise FolderInUse(f"{self.folder} is in use by another process (pid {holder.get('pid', '?')} on "
+                                  f"{holder.get('host', '?')}, since {holder.get('since', '?')})") from None
+            except OSError as error:
+                os.close(descriptor)
+                if error.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    return None
+                raise
+            try:
+                same_file = os.fstat(descriptor).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                return descriptor
+            os.close(descriptor)  # its last holder removed the file after we opened it: lock the new one
+
+    def __exit__(self, *exc_info) -> None:
+        if self._descriptor is not None:
+            self.path.unlink(missing_ok=True)  # still locked: a process that opens the file meanwhile retries
+            os.close(self._descriptor)
+            self._descriptor, self.locked = None, False
+        self._remove_created_folders()
+
+    def _remove_created_folders(self) -> None:
+        for folder in self._created_folders:  # innermost first
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
+
+
+def _read_holder(descriptor: int) -> dict | None:
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0).decode("utf-8"))
+    except (ValueError, OSError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
 # --- nested states: arrays out, JSON skeleton in ----------------------------------------------------------------------
 def split_arrays(tree) -> tuple[Any, dict[str, Any]]:
     """Replace every array in a nest of dicts, lists and tuples by {"$array": dotted.path}.
@@ -221,11 +412,26 @@ def save_checkpoint(directory, weights: Mapping[str, Any], meta: Mapping, optimi
     manifest["sha256"] = {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()}
     manifest_bytes = _json_bytes(manifest)  # fails on a non-JSON-able meta before anything is written
 
-    for name, payload in files.items():
-        write_atomic(directory / name, payload)
-    write_atomic(directory / MANIFEST_NAME, manifest_bytes)
+    try:
+        for name, payload in files.items():
+            write_atomic(directory / name, payload)
+        write_atomic(directory / MANIFEST_NAME, manifest_bytes)
+    except BaseException:  # a full disk, say: unless the new manifest is in place, the old checkpoint stays
+        if not _manifest_names(directory, manifest["weights"]):
+            for name in files:
+                (directory / name).unlink(missing_ok=True)
+        raise
     _delete_superseded_files(directory, keep=set(files))
     return directory / MANIFEST_NAME
+
+
+def _manifest_names(directory: Path, weights_name: str) -> bool:
+    """Whether the manifest in `directory` is the one whose weights file is `weights_name`."""
+    try:
+        manifest = load_json(directory / MANIFEST_NAME)
+    except CheckpointError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("weights") == weights_name
 
 
 def has_checkpoint(directory) -> bool:

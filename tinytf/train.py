@@ -14,10 +14,11 @@ Dropout draws from a generator per rank (rank 0 keeps the single-process stream,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import math
-import secrets
 import shutil
 import signal
 import sys
@@ -29,8 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, distributed
-from .checkpoint import (Checkpoint, CheckpointError, has_checkpoint, load_checkpoint, remove_checkpoint,
-                         save_checkpoint, write_atomic)
+from .checkpoint import (Checkpoint, CheckpointError, FolderInUse, FolderLock, has_checkpoint, load_checkpoint,
+                         remove_checkpoint, remove_staging_folders, replace_folder_contents, save_checkpoint,
+                         staging_folder, write_atomic)
 from .cli import UserError, command_line, load_trained_model
 from .data import BatchSampler, CharTokenizer, TokenDataset, default_corpus, prepare_dataset, read_text
 from .models import GPT, GPTConfig
@@ -197,34 +199,43 @@ def check_splits(text: str, block_size: int) -> None:
                         "or a smaller --block-size")
 
 
-def prepare_data(text: str, folder: Path) -> TokenDataset:
-    """Prepare `text` into `folder` (uint16 token files read through memmap) beside the old data, which is
-    replaced only once the new one is complete: an interrupted preparation leaves the old folder as it was."""
-    staging = folder.with_name(f".{folder.name}-{secrets.token_hex(4)}.partial")
-    prepare_dataset(text, staging, train_fraction=TRAIN_FRACTION)
-    superseded = folder.with_name(f".{folder.name}-{secrets.token_hex(4)}.old")
-    if folder.exists():
-        folder.rename(superseded)
-    staging.rename(folder)
-    shutil.rmtree(superseded, ignore_errors=True)
-    return TokenDataset.open(folder)
+def start_fresh(args: argparse.Namespace, text: str) -> None:
+    """Prepare `text` into `out/data` for a new run, then clear what an earlier run left in --out: its checkpoint
+    (only with --overwrite: it is refused otherwise), and metrics.jsonl and loss.png, which describe a run that
+    cannot be continued. The data is staged beside the old folder and moved in at once, and the old run is removed
+    only once the new data is complete: a run killed while preparing leaves the old run as it was."""
+    folder = args.out / "data"
+    remove_staging_folders(folder)  # left by runs killed while preparing; this process owns --out now
+    staging = staging_folder(folder)
+    try:
+        prepare_dataset(text, staging, train_fraction=TRAIN_FRACTION)
+        if args.overwrite:
+            remove_checkpoint(args.out)
+        for name in ("metrics.jsonl", "loss.png"):
+            (args.out / name).unlink(missing_ok=True)
+        replace_folder_contents(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def load_dataset(args: argparse.Namespace, text: str | None) -> TokenDataset:
-    """Prepare `text` into `out/data` on a new run, or reopen the prepared data on --resume (text None).
+    """Prepare `text` into `out/data` on a new run (see `start_fresh`), or reopen the prepared data on --resume
+    (text None).
 
     In a data-parallel run the main rank prepares the files and the other ranks open them, so --out must be a folder
     that every rank sees (a shared filesystem when the ranks run on several machines).
     """
     folder = args.out / "data"
-    dataset = None
     if text is not None and distributed.is_main():
+        start_fresh(args, text)
+    distributed.barrier()  # the other ranks open the files once the main rank has written them
+    dataset = TokenDataset.open(folder)
+    if text is not None:
         source = args.data or "pydoc_data.topics (Python's documentation)"
-        dataset = prepare_data(text, folder)
         announce(f"data: {source}: {len(text):,} characters, vocabulary of {dataset.tokenizer.vocab_size}, "
                  f"{len(dataset.splits['train']):,} train / {len(dataset.splits['val']):,} val tokens")
-    distributed.barrier()  # the other ranks open the files once the main rank has written them
-    return dataset if dataset is not None else TokenDataset.open(folder)
+    return dataset
 
 
 def rank_batch(sampler: BatchSampler, split: str, device: str):
@@ -268,8 +279,6 @@ class Run:
 
 def check_out_folder(args: argparse.Namespace) -> None:
     """Refuse what would lose or mix up a run: a fresh run over a saved one, a resume with nothing to resume."""
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
     if args.resume and not has_checkpoint(args.out):
         raise UserError(f"--resume: {args.out} holds no checkpoint to continue; start a new run without --resume")
     if not args.resume and not args.overwrite and has_checkpoint(args.out):
@@ -321,11 +330,6 @@ def set_up_run(args: argparse.Namespace, checkpoint: Checkpoint | None) -> Run:
     except (OSError, ValueError, RuntimeError) as error:  # a bad data file, an unusable device or MPI
         raise UserError(str(error)) from None
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite and distributed.is_main():
-            remove_checkpoint(args.out)
-            for name in ("metrics.jsonl", "loss.png"):
-                (args.out / name).unlink(missing_ok=True)
         dataset = load_dataset(args, text)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot {'prepare' if text is not None else 'open'} the data in {args.out / 'data'}: "
@@ -430,9 +434,19 @@ def save_run(run: Run, iteration: int) -> None:
         "rng": {"tinytf": dropout_states[0], "tinytf_other_ranks": dropout_states[1:],
                 **{f"sampler_{name}": sampler.state_dict() for name, sampler in run.samplers.items()}},
     }
-    save_checkpoint(run.args.out, {name: backend.to_numpy(a) for name, a in run.model.state_dict().items()}, meta,
-                    run.optimizer.state_dict())
+    try:
+        save_checkpoint(run.args.out, {name: backend.to_numpy(a) for name, a in run.model.state_dict().items()},
+                        meta, run.optimizer.state_dict())
+    except OSError as error:  # a full disk, a quota, a folder made read-only: the previous checkpoint is whole
+        raise UserError(f"cannot save the checkpoint at iteration {iteration + 1}: {describe_os_error(error)}; "
+                        f"{run.kept_checkpoint()}") from None
     run.saved_iteration = iteration
+
+
+def describe_os_error(error: OSError) -> str:
+    """'No space left on device (out/.weights-1a2b3c4d.safetensors.5e6f7a8b.tmp)': what failed, and where."""
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where}"
 
 
 def weights_are_finite(run: Run) -> bool:
@@ -489,7 +503,11 @@ def evaluate_and_save(run: Run, iteration: int, lr: float, tokens_per_s: float, 
     record = {"iter": iteration + 1, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
               "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s}
     if distributed.is_main():
-        append_metrics(run.metrics_path, record)
+        try:
+            append_metrics(run.metrics_path, record)
+        except OSError as error:
+            raise UserError(f"cannot write {run.metrics_path}: {describe_os_error(error)}; "
+                            f"{run.kept_checkpoint()}") from None
     announce(f"iter {iteration + 1}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     save_run(run, iteration)
     return True
@@ -538,13 +556,20 @@ def plot_losses(metrics_path: Path, image_path: Path) -> None:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(image_path, dpi=100)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     plt.close(figure)
+    try:
+        write_atomic(image_path, image.getvalue())
+    except OSError as error:  # the run itself is saved; only the picture is missing
+        print(f"loss curve: cannot write {image_path}: {describe_os_error(error)}", file=sys.stderr)
+        return
     print(f"loss curve: {image_path}")
 
 
 def train(args: argparse.Namespace, given: frozenset[str] | None = None) -> int:
-    """The training loop; returns the exit status: 0 done, 1 the loss diverged, 130 interrupted (checkpoint saved).
+    """Train, holding --out for the whole run; returns the exit status: 0 done, 1 the loss diverged, 130
+    interrupted (checkpoint saved).
 
     `given`: the options given on the command line (by default, those that differ from the parser's defaults);
     on --resume the others come from the checkpoint. `args` itself is left unchanged."""
@@ -552,25 +577,64 @@ def train(args: argparse.Namespace, given: frozenset[str] | None = None) -> int:
     if given is None:
         defaults = vars(build_parser().parse_args([]))
         given = frozenset(name for name, value in vars(args).items() if defaults.get(name) != value)
-    check_out_folder(args)
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_run_checkpoint(args.out)
-        take_saved_options(args, given, checkpoint)
-    check_arguments(args)
-    run = set_up_run(args, checkpoint)
+    with own_out_folder(args.out):
+        check_out_folder(args)
+        checkpoint = None
+        if args.resume:
+            checkpoint = load_run_checkpoint(args.out)
+            take_saved_options(args, given, checkpoint)
+        check_arguments(args)
+        return train_loop(set_up_run(args, checkpoint))
+
+
+@contextlib.contextmanager
+def own_out_folder(out: Path):
+    """Hold the lock on --out while the run reads and writes it, so that a second run into the same folder is
+    refused instead of crashing one of them mid-save. A lock left by a killed run is taken over. Only the main
+    rank locks: in a data-parallel run the other ranks write nothing to --out."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    try:
+        main_rank = distributed.is_main()
+    except RuntimeError as error:  # an MPI launch without mpi4py
+        raise UserError(str(error)) from None
+    if not main_rank:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            lock = stack.enter_context(FolderLock(out))
+        except FolderInUse as error:
+            raise UserError(f"{error}: another run is using this --out; wait for it to end or choose another "
+                            "--out") from None
+        except OSError as error:
+            raise UserError(f"cannot use --out {out}: {error.strerror or error}") from None
+        if not lock.locked:
+            announce(f"warning: this filesystem cannot lock {out}; make sure no other run uses it at the same time",
+                     file=sys.stderr)
+        elif lock.stale_holder is not None:
+            announce(f"note: the run before this one in {out} (pid {lock.stale_holder.get('pid', '?')}) did not end "
+                     "cleanly; its lock is taken over")
+        yield
+
+
+def train_loop(run: Run) -> int:
+    """The steps from run.start to --iters, with evaluation, checkpoints, divergence and Ctrl-C handling."""
+    args = run.args
     started = time.perf_counter()
     window_start, window_steps = started, 0
-    with StopRequest() as stop, tqdm(range(run.start, args.iters), initial=run.start, total=args.iters, unit="step",
-                                      mininterval=1.0, dynamic_ncols=True,
-                                      disable=not distributed.is_main()) as progress:
+    # A diverging run overflows: its non-finite loss or weights are caught and reported in one line below, so
+    # NumPy's warnings about them would only bury that line.
+    with StopRequest() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+            tqdm(range(run.start, args.iters), initial=run.start, total=args.iters, unit="step", mininterval=1.0,
+                 dynamic_ncols=True, disable=not distributed.is_main()) as progress:
         for iteration in progress:
             lr = lr_at(iteration, lr=args.lr, min_lr=args.min_lr, warmup_iters=run.warmup_iters,
                        decay_iters=args.iters)
             loss, stop_requested = agree_on_step(train_step(run, lr), stop.requested)
             if not math.isfinite(loss):
                 progress.close()
-                announce(f"stopping: the loss became {loss} at iteration {iteration}; {run.kept_checkpoint()}",
+                announce(f"stopping: the loss became {loss} at iteration {iteration + 1}; {run.kept_checkpoint()}",
                          file=sys.stderr)
                 return 1
             window_steps += 1

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +38,8 @@ import numpy as np
 import safetensors.numpy
 
 from .. import backend
-from ..checkpoint import CheckpointError, load_json, save_json, write_atomic
+from ..checkpoint import (CheckpointError, load_json, replace_folder_contents, save_json, staging_folder,
+                          write_atomic)
 from ..models import GPT, GPTConfig
 from ..nn import skip_init
 
@@ -374,7 +376,10 @@ def _links(model: GPT, family: _Family, prefix: str) -> list[_Link]:
 # --- saving -----------------------------------------------------------------------------------------------------------
 def save_pretrained(model: GPT, path) -> Path:
     """Write `config.json` and `model.safetensors` into the folder `path` (created if needed), in the layout that
-    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Returns the folder."""
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Returns the folder.
+
+    The two files replace the folder's old ones together: a crash at any moment leaves the old model or the new one,
+    never the new weights under the old config (see `tinytf.checkpoint.replace_folder_contents`)."""
     model_type = _model_type_of(model.config)
     family = _FAMILIES[model_type]
     hf_config = {
@@ -395,10 +400,20 @@ def save_pretrained(model: GPT, path) -> Path:
         for name, part in zip(link.theirs, np.split(array, boundaries)):
             tensors[name] = np.ascontiguousarray(part)  # safetensors writes the raw buffer
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    # "format": "pt" tells transformers the tensors are laid out as PyTorch's, as every Hub checkpoint says.
-    write_atomic(folder / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
-    save_json(folder / CONFIG_FILE, hf_config)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_pretrained: {folder} is a file; pass a folder (it is created if missing)")
+    # Both files are written into a staging folder beside `folder` and moved in together, so that a crash never
+    # pairs the new weights with the old config. Other files in `folder` (a tokenizer, a README) stay.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(folder)
+    try:
+        # "format": "pt" tells transformers the tensors are laid out as PyTorch's, as every Hub checkpoint says.
+        write_atomic(staging / WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+        save_json(staging / CONFIG_FILE, hf_config)
+        replace_folder_contents(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 
