@@ -24,6 +24,14 @@ def broadcastable_shapes(draw, num_shapes: int = 2):
     return shapes.input_shapes
 
 
+@st.composite
+def shape_and_dim(draw, shapes=small_shapes):
+    """A shape (0-d included) and one dimension of it, negative too; a 0-d shape takes 0 or -1, as in PyTorch."""
+    shape = draw(shapes)
+    extent = max(len(shape), 1)
+    return shape, draw(st.integers(-extent, extent - 1))
+
+
 def random_array(seed: int, shape, low: float | None = None, high: float | None = None, away_from=None):
     """Standard normal values (or uniform in [low, high]); `away_from` nudges values off a kink such as 0."""
     rng = np.random.default_rng(seed)

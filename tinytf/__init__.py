@@ -15,8 +15,10 @@ from . import backend, functional
 from .backend import get_num_threads, is_available, manual_seed, set_num_threads
 from .creation import (
     arange,
+    eye,
     full,
     full_like,
+    linspace,
     ones,
     ones_like,
     rand,
@@ -24,10 +26,12 @@ from .creation import (
     randn,
     randn_like,
     tensor,
+    tril_indices,
+    triu_indices,
     zeros,
     zeros_like,
 )
-from .functional import cat, chunk, matmul, maximum, minimum, split, stack, where
+from .functional import cat, chunk, einsum, matmul, maximum, meshgrid, minimum, split, stack, where
 from .tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 
 float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("float64")

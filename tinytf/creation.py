@@ -1,4 +1,5 @@
-"""Creating tensors: from data, filled, ranges and random draws (one seeded generator per device)."""
+"""Creating tensors: from data, filled, ranges, identity matrices, triangle indices and random draws (one seeded
+generator per device)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,44 @@ def arange(start, end=None, step=1, dtype=None, requires_grad: bool = False, dev
         dtype = backend.DEFAULT_DTYPE if is_float else np.int64
     with _allocating_on(device) as xp:
         return _finish(xp.arange(start, end, step, dtype=dtype), None, requires_grad, device)
+
+
+def eye(n: int, m: int | None = None, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    """The (n, m) matrix (m = n by default) with ones on the main diagonal and zeros elsewhere."""
+    with _allocating_on(device) as xp:
+        array = xp.eye(n, n if m is None else m, dtype=backend.as_dtype(dtype or backend.DEFAULT_DTYPE))
+        return _finish(array, None, requires_grad, device)
+
+
+def linspace(start, end, steps: int, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
+    """`steps` evenly spaced values from `start` to `end`, both included; integer dtypes truncate, as in PyTorch."""
+    if steps < 0:
+        raise ValueError(f"linspace: steps must be non-negative, got {steps}")
+    with _allocating_on(device) as xp:
+        # Computed in float64 and then cast, so float32 results are the nearest values to the exact ones.
+        array = xp.linspace(start, end, steps, dtype=np.float64)
+        return _finish(array, dtype or backend.DEFAULT_DTYPE, requires_grad, device)
+
+
+def _triangle_indices(row: int, col: int, offset: int, upper: bool, dtype, device: str) -> Tensor:
+    dtype = backend.as_dtype(dtype or np.int64)
+    if dtype.kind not in "iu":
+        raise TypeError(f"{'triu' if upper else 'tril'}_indices: dtype must be an integer type, got {dtype}")
+    with _allocating_on(device) as xp:
+        rows, cols = (xp.triu_indices if upper else xp.tril_indices)(row, offset, col)
+        return _finish(xp.stack([rows, cols]), dtype, False, device)
+
+
+def tril_indices(row: int, col: int, offset: int = 0, dtype=None, device: str = "cpu") -> Tensor:
+    """(2, N): the row and column of each element of the lower triangle of a (row, col) matrix, row by row; `offset`
+    moves the diagonal that bounds it (> 0 above the main one)."""
+    return _triangle_indices(row, col, offset, False, dtype, device)
+
+
+def triu_indices(row: int, col: int, offset: int = 0, dtype=None, device: str = "cpu") -> Tensor:
+    """(2, N): the row and column of each element of the upper triangle of a (row, col) matrix, row by row; `offset`
+    moves the diagonal that bounds it (> 0 above the main one)."""
+    return _triangle_indices(row, col, offset, True, dtype, device)
 
 
 def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:

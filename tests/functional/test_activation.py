@@ -2,13 +2,24 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from op_check import check_op, random_array, small_shapes
 
 import tinytf
 import tinytf.functional as F
-from tinytf.functional.activation import gelu_tanh_study_forward, silu_study_forward
+from tinytf import backend
+from tinytf.functional.activation import (
+    elu,
+    gelu_tanh_study_forward,
+    hardswish,
+    hardtanh,
+    leaky_relu,
+    mish,
+    selu,
+    silu_study_forward,
+    softplus,
+)
 
 seeds = st.integers(0, 2**32 - 1)
 _erf = np.vectorize(math.erf)
@@ -34,6 +45,100 @@ ACTIVATIONS = {
 def test_activation_matches_numpy(name, shape, seed):
     op, reference, kink = ACTIVATIONS[name]
     check_op(op, reference, random_array(seed, shape, away_from=kink) * 2)
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+    return np.where(beta * x > threshold, x, np.log1p(np.exp(beta * x)) / beta)
+
+
+def _elu(x, alpha=1.0):
+    return np.where(x > 0, x, alpha * np.expm1(x))
+
+
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+# name: (op, reference, kink to keep inputs away from, input scale)
+MORE_ACTIVATIONS = {
+    "softplus": (softplus, _softplus, None, 2),
+    "softplus_beta_threshold": (lambda x: softplus(x, beta=2, threshold=3), lambda x: _softplus(x, 2, 3), 1.5, 2),
+    "elu": (elu, _elu, None, 2),
+    "elu_alpha": (lambda x: elu(x, alpha=0.5), lambda x: _elu(x, 0.5), 0.0, 2),
+    "selu": (selu, lambda x: SELU_SCALE * _elu(x, SELU_ALPHA), 0.0, 2),
+    "leaky_relu": (leaky_relu, lambda x: np.where(x > 0, x, 0.01 * x), 0.0, 2),
+    "leaky_relu_slope": (lambda x: leaky_relu(x, 0.2), lambda x: np.where(x > 0, x, 0.2 * x), 0.0, 2),
+    "hardtanh": (lambda x: hardtanh(x, -0.5, 2.0), lambda x: np.clip(x, -0.5, 2.0), -0.5, 2),
+    "hardswish": (hardswish, lambda x: x * np.clip(x + 3, 0, 6) / 6, -3.0, 3),
+    "mish": (mish, lambda x: x * np.tanh(np.log1p(np.exp(x))), None, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_ACTIVATIONS))
+@settings(max_examples=10)  # every example runs gradcheck on every device
+@given(shape=small_shapes, seed=seeds)
+def test_more_activations_match_numpy(name, shape, seed):
+    op, reference, kink, scale = MORE_ACTIVATIONS[name]
+    check_op(op, reference, random_array(seed, shape, away_from=None if kink is None else kink / scale) * scale)
+
+
+# op, input at a kink, PyTorch's gradient there
+KINKS = [
+    (lambda x: elu(x, alpha=0.5), 0.0, 0.5),
+    (selu, 0.0, SELU_SCALE * SELU_ALPHA),
+    (lambda x: leaky_relu(x, 0.2), 0.0, 0.2),
+    (F.relu, 0.0, 0.0),
+    (hardtanh, -1.0, 0.0),
+    (hardtanh, 1.0, 0.0),
+    (hardswish, -3.0, -0.5),
+    (hardswish, 3.0, 1.5),
+    (lambda x: softplus(x, threshold=2), 2.0, 1 / (1 + math.exp(-2))),
+]
+
+
+@pytest.mark.parametrize("op, x, slope", KINKS)
+def test_activation_takes_pytorchs_gradient_at_kinks(op, x, slope, device):
+    point = tinytf.tensor([x], requires_grad=True, device=device)
+    op(point).backward(tinytf.tensor([1.0], device=device))
+    np.testing.assert_allclose(backend.to_numpy(point.grad), [slope], rtol=1e-6)
+
+
+def test_softplus_and_mish_do_not_overflow():
+    x = tinytf.tensor([-1000.0, 1000.0], requires_grad=True)
+    for op, expected in [(softplus, [0.0, 1000.0]), (mish, [-0.0, 1000.0]),
+                         (lambda a: softplus(a, threshold=1e9), [0.0, 1000.0])]:
+        y = op(x)
+        np.testing.assert_allclose(y.numpy(), expected)
+        y.sum().backward()
+        assert np.isfinite(x.grad).all()
+        x.grad = None
+
+
+def test_hardtanh_rejects_crossed_bounds():
+    with pytest.raises(ValueError, match="min_val 2 is greater than max_val 1"):
+        hardtanh(tinytf.randn(2), min_val=2, max_val=1)
+
+
+FLOATING_ACTIVATIONS = [F.tanh, F.sigmoid, F.gelu, lambda x: F.gelu(x, approximate="tanh"), F.silu, F.softmax,
+                        F.log_softmax, softplus, elu, selu, leaky_relu, hardtanh, hardswish, mish]
+
+
+@pytest.mark.parametrize("op", FLOATING_ACTIVATIONS)
+def test_floating_activation_of_integers_computes_in_float32(op):
+    for data in (np.array([[-2, 0, 3]]), np.array([[True, False]])):
+        result = op(tinytf.tensor(data))
+        assert result.dtype == np.float32
+        np.testing.assert_array_equal(result.numpy(), op(tinytf.tensor(data.astype(np.float32))).numpy())
+
+
+def test_relu_keeps_integers_and_erf_of_integers_is_float32():
+    assert F.relu(tinytf.tensor([-2, 3])).tolist() == [0, 3]
+    assert F.erf(np.array([0, 1])).dtype == np.float32
+
+
+@pytest.mark.parametrize("dim", [None, 0, -1])
+def test_softmax_of_a_0d_tensor_is_one_with_zero_gradient(dim):
+    x = np.array(2.5)
+    check_op(lambda a: F.softmax(a, dim=dim), lambda a: np.ones_like(a), x)
+    check_op(lambda a: F.log_softmax(a, dim=dim), lambda a: np.zeros_like(a), x)
 
 
 @st.composite
@@ -89,8 +194,15 @@ def test_gelu_rejects_unknown_approximation():
 
 
 def test_softmax_rejects_axis_out_of_range():
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(IndexError, match=r"dimension 2 is out of range .* \[-2, 1\]"):
         F.softmax(tinytf.randn(2, 3), dim=2)
+    with pytest.raises(IndexError, match=r"dimension -3 is out of range"):
+        F.log_softmax(tinytf.randn(2, 3), dim=-3)
+    for dim in (1, -2):
+        with pytest.raises(IndexError, match=r"out of range for a tensor of 0 dimensions"):
+            F.softmax(tinytf.tensor(1.0), dim=dim)
+    with pytest.raises(TypeError, match="one integer"):
+        F.softmax(tinytf.randn(2, 3), dim=(0, 1))
 
 
 def test_erf_has_double_precision():

@@ -6,6 +6,7 @@ from op_check import check_op, random_array
 
 import tinytf
 import tinytf.functional as F
+from tinytf.functional.linalg import einsum, outer
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -51,3 +52,47 @@ def test_matmul_error_names_both_shapes():
 def test_linear_error_names_shapes():
     with pytest.raises(ValueError, match=r"input of shape \(2, 4\) does not fit weight of shape \(3, 5\)"):
         F.linear(tinytf.randn(2, 4), tinytf.randn(3, 5))
+
+
+EINSUMS = [
+    ("ij,jk->ik", [(2, 3), (3, 4)]),  # matmul
+    ("bij,bjk->bik", [(2, 2, 3), (2, 3, 1)]),  # batched, with a size-1 dimension
+    ("...ij,...jk", [(5, 2, 3), (1, 3, 4)]),  # ellipsis and implicit output, broadcasting a size-1 batch
+    ("i,j->ij", [(3,), (2,)]),  # outer
+    ("ij->", [(2, 3)]),  # sum of everything
+    ("ij->j", [(2, 0)]),  # a size-0 dimension
+    ("ii->i", [(3, 3)]),  # diagonal: a repeated subscript
+    ("iij->j", [(2, 2, 4)]),  # trace over a repeated pair, with a letter kept
+    ("i,i", [(1,), (3,)]),  # a size-1 operand broadcast against another
+    ("Ab,bA->", [(2, 3), (3, 2)]),  # upper-case letters
+    ("i,ij,jk->ik", [(2,), (2, 3), (3, 2)]),  # three operands
+    ("", [()]),  # a 0-d operand
+]
+
+
+@pytest.mark.parametrize("equation, shapes", EINSUMS, ids=[equation or "0-d" for equation, _ in EINSUMS])
+def test_einsum_matches_numpy_and_its_gradients_are_einsums(equation, shapes):
+    arrays = [random_array(k, shape) for k, shape in enumerate(shapes)]
+    check_op(lambda *xs: einsum(equation, *xs), lambda *xs: np.einsum(equation, *xs), *arrays)
+
+
+def test_einsum_takes_operands_as_a_list_and_outer_is_its_special_case():
+    a, b = random_array(0, (3,)), random_array(1, (4,))
+    check_op(lambda x, y: einsum("i,j", [x, y]), np.outer, a, b)
+    check_op(outer, np.outer, a, b)
+
+
+def test_einsum_errors_name_the_problem():
+    a = tinytf.randn(2, 3)
+    with pytest.raises(ValueError, match="names 2 operands, got 1"):
+        einsum("ij,jk->ik", a)
+    with pytest.raises(ValueError, match=r"subscripts 'ijk' do not fit an operand of shape \(2, 3\)"):
+        einsum("ijk->i", a)
+    with pytest.raises(ValueError, match="subscript j has sizes 3 and 2"):
+        einsum("ij,jk->ik", a, a)
+    with pytest.raises(ValueError, match="each output subscript must appear once"):
+        einsum("ij->k", a)
+    with pytest.raises(ValueError, match="must be letters"):
+        einsum("i1->i", a)
+    with pytest.raises(ValueError, match="two 1-D tensors"):
+        outer(a, a)

@@ -33,6 +33,7 @@ HOST_SIDE_MODULES = {
     "checkpoint.py": "safetensors files hold host arrays",
     "interop/hf.py": "reads and writes checkpoint files, host arrays",
     "nn/layers.py": "makes parameters on the host (Module.to moves them); forward passes use tinytf.functional",
+    "nn/conv.py": "makes parameters and buffers on the host (Module.to moves them); forward passes use the ops",
     "models/sampling.py": "samples from a host copy of the last position's logits",
     "kernels/emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
 }
@@ -48,6 +49,11 @@ ALLOWED_CALLS = {
     ("models/gpt.py", "asarray"): "generation keeps the token ids on the host",
     ("models/gpt.py", "concatenate"): "generation keeps the token ids on the host",
     ("attention/naive.py", "sqrt"): "of the head dim, a Python int",
+    ("functional/indexing.py", "asarray"): "indices given as host data (lists, NumPy arrays), moved to the device",
+    ("functional/shape.py", "asarray"): "repeat_interleave reads its counts on the host: they set the output's length",
+    **{("functional/pooling.py", name): "window counts and interpolation matrices are built on the host from the "
+       "sizes alone, then moved to the device"
+       for name in ("arange", "minimum", "maximum", "floor", "zeros", "outer", "add.at")},
 }
 
 

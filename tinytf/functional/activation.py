@@ -1,4 +1,5 @@
-"""Activations, softmax and dropout: each forward beside its hand-derived backward.
+"""Activations, softmax and dropout: each forward beside its hand-derived backward. The floating activations of
+integer or bool tensors compute in the default float dtype (common.floating); at a kink, the gradient is PyTorch's.
 
 GELUTanh, SiLU and SwiGLU run on the widest activations of a transformer, so they are tuned: in-place chains over
 cache-sized blocks, through `_blockwise_forward` and `_blockwise_backward`. Study versions: the textbook formulas
@@ -14,7 +15,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import block_scratch, normalize_axis, row_blocks, row_sum_vector
+from .common import block_scratch, canonical_axes, floating, normalize_axis, row_blocks, row_sum_vector
 
 
 class Tanh(Function):
@@ -30,9 +31,7 @@ class Tanh(Function):
 
 class Sigmoid(Function):
     def forward(self, a):
-        xp = backend.get_array_module(a)
-        # 1/(1+e^-a) overflows e^-a for a << 0; (1 + tanh(a/2))/2 is the same function and never overflows.
-        out = 0.5 * (1 + xp.tanh(0.5 * a))
+        out = _sigmoid(a)
         self.save_for_backward(out)
         return out
 
@@ -157,7 +156,8 @@ def erf(x):
     series = xp.ones_like(clipped)
     for n in range(100, 0, -1):  # Horner form, innermost term first
         series = 1 + twice_square / (2 * n + 1) * series
-    return (2 / math.sqrt(math.pi) * xp.exp(-clipped * clipped) * clipped * series).astype(x.dtype)
+    dtype = x.dtype if backend.is_floating(x.dtype) else backend.DEFAULT_DTYPE  # erf of integers is floating
+    return (2 / math.sqrt(math.pi) * xp.exp(-clipped * clipped) * clipped * series).astype(dtype)
 
 
 class GELUErf(Function):
@@ -210,6 +210,13 @@ def _sigmoid_into(x, out) -> None:
     xp.tanh(out, out=out)
     out *= 0.5
     out += 0.5
+
+
+def _sigmoid(x):
+    """sigmoid(x) as a new array (see _sigmoid_into)."""
+    out = backend.get_array_module(x).empty_like(x)
+    _sigmoid_into(x, out)
+    return out
 
 
 def _silu_into(x, s, out) -> None:
@@ -265,7 +272,92 @@ class SwiGLU(Function):
                 None if grad_up is None else grad_up.reshape(grad.shape))
 
 
-def _stable_max(a, axis: int):
+class Softplus(Function):
+    def forward(self, a, beta: float, threshold: float):
+        """(...) -> (...): log(1 + e^(beta a)) / beta, and a itself where beta a > threshold (PyTorch's cut-off)"""
+        xp = backend.get_array_module(a)
+        scaled = a * beta
+        self.save_for_backward(scaled)
+        self.threshold = threshold
+        # logaddexp(0, s) = log(1 + e^s) without overflowing e^s
+        return xp.where(scaled > threshold, a, xp.logaddexp(0, scaled) / beta)
+
+    def backward(self, grad):
+        (scaled,) = self.saved_tensors
+        # d/da log(1 + e^(beta a)) / beta = sigmoid(beta a); 1 on the linear side
+        return grad * backend.get_array_module(scaled).where(scaled > self.threshold, 1, _sigmoid(scaled))
+
+
+class ELU(Function):
+    def forward(self, a, alpha: float, scale: float):
+        """(...) -> (...): scale * (a for a > 0, alpha (e^a - 1) for a <= 0); SELU is ELU with fixed alpha, scale"""
+        xp = backend.get_array_module(a)
+        positive = a > 0
+        negative_side = alpha * xp.expm1(xp.minimum(a, 0))  # minimum: no e^a overflow where the value is unused
+        self.save_for_backward(positive, negative_side)
+        self.alpha, self.scale = alpha, scale
+        return scale * xp.where(positive, a, negative_side)
+
+    def backward(self, grad):
+        positive, negative_side = self.saved_tensors
+        # d/da = scale for a > 0, scale alpha e^a = scale (negative_side + alpha) for a <= 0 (PyTorch's side at 0)
+        slope = backend.get_array_module(positive).where(positive, 1, negative_side + self.alpha)
+        return grad * (self.scale * slope)
+
+
+class LeakyReLU(Function):
+    def forward(self, a, negative_slope: float):
+        """(...) -> (...): a for a > 0, negative_slope * a for a <= 0"""
+        positive = a > 0
+        self.save_for_backward(positive)
+        self.negative_slope = negative_slope
+        return backend.get_array_module(a).where(positive, a, a * negative_slope)
+
+    def backward(self, grad):
+        (positive,) = self.saved_tensors
+        # negative_slope at 0, as in PyTorch
+        return backend.get_array_module(grad).where(positive, grad, grad * self.negative_slope)
+
+
+class Hardtanh(Function):
+    def forward(self, a, min_val: float, max_val: float):
+        """(...) -> (...): a clipped to [min_val, max_val]"""
+        self.save_for_backward((a > min_val) & (a < max_val))
+        return backend.get_array_module(a).clip(a, min_val, max_val)
+
+    def backward(self, grad):
+        (inside,) = self.saved_tensors
+        return grad * inside  # zero at the bounds themselves, as in PyTorch
+
+
+class Hardswish(Function):
+    def forward(self, a):
+        """(...) -> (...): a relu6(a + 3) / 6, so 0 below -3, a above 3 and a (a + 3) / 6 between"""
+        self.save_for_backward(a)
+        return a * backend.get_array_module(a).clip(a + 3, 0, 6) / 6
+
+    def backward(self, grad):
+        (a,) = self.saved_tensors
+        xp = backend.get_array_module(a)
+        # d/da = 0 below -3, a/3 + 1/2 on [-3, 3] (both kinks take this side, as in PyTorch), 1 above 3
+        return grad * xp.where(a < -3, 0, xp.where(a <= 3, a / 3 + 0.5, 1))
+
+
+class Mish(Function):
+    def forward(self, a):
+        """(...) -> (...): a tanh(softplus(a))"""
+        xp = backend.get_array_module(a)
+        t = xp.tanh(xp.logaddexp(0, a))  # softplus(a) = log(1 + e^a) without overflowing e^a
+        self.save_for_backward(a, t)
+        return a * t
+
+    def backward(self, grad):
+        a, t = self.saved_tensors
+        # d/da = t + a (1 - t^2) sigmoid(a), since softplus'(a) = sigmoid(a)
+        return grad * (t + a * (1 - t * t) * _sigmoid(a))
+
+
+def _stable_max(a, axis: int | None):
     """Row maxima for shifting before exp; rows of only -inf get 0 so they give exp(-inf) = 0, not NaN."""
     xp = backend.get_array_module(a)
     row_max = a.max(axis=axis, keepdims=True)
@@ -273,7 +365,7 @@ def _stable_max(a, axis: int):
 
 
 class Softmax(Function):
-    def forward(self, a, axis: int, scale: float = 1.0, bias=None):
+    def forward(self, a, axis: int | None, scale: float = 1.0, bias=None):
         """(..., C) -> (..., C): softmax(a * scale + bias) along `axis`, with bias a constant that broadcasts against
         a (0 and -inf for a mask; only with axis -1).
 
@@ -326,7 +418,7 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
-    def forward(self, a, axis: int):
+    def forward(self, a, axis: int | None):
         xp = backend.get_array_module(a)
         shifted = a - _stable_max(a, axis)
         out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
@@ -353,11 +445,11 @@ class Dropout(Function):
 
 
 def tanh(a: Tensor) -> Tensor:
-    return Tanh.apply(a)
+    return Tanh.apply(floating(a))
 
 
 def sigmoid(a: Tensor) -> Tensor:
-    return Sigmoid.apply(a)
+    return Sigmoid.apply(floating(a))
 
 
 def relu(a: Tensor) -> Tensor:
@@ -367,14 +459,56 @@ def relu(a: Tensor) -> Tensor:
 def gelu(a: Tensor, approximate: str = "none") -> Tensor:
     """GELU; approximate="tanh" is GPT-2's form, "none" the exact erf form (PyTorch's names)."""
     if approximate == "tanh":
-        return GELUTanh.apply(a)
+        return GELUTanh.apply(floating(a))
     if approximate == "none":
-        return GELUErf.apply(a)
+        return GELUErf.apply(floating(a))
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def silu(a: Tensor) -> Tensor:
-    return SiLU.apply(a)
+    return SiLU.apply(floating(a))
+
+
+def softplus(a: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """log(1 + e^(beta a)) / beta, a smooth relu; linear where beta a > threshold."""
+    return Softplus.apply(floating(a), beta=beta, threshold=threshold)
+
+
+def elu(a: Tensor, alpha: float = 1.0) -> Tensor:
+    """a for a > 0, alpha (e^a - 1) for a <= 0."""
+    return ELU.apply(floating(a), alpha=alpha, scale=1.0)
+
+
+# SELU's constants (Klambauer et al. 2017), as PyTorch spells them
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def selu(a: Tensor) -> Tensor:
+    """scale * elu(a, alpha) with the self-normalizing constants alpha ~ 1.6733, scale ~ 1.0507."""
+    return ELU.apply(floating(a), alpha=_SELU_ALPHA, scale=_SELU_SCALE)
+
+
+def leaky_relu(a: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """a for a > 0, negative_slope * a for a <= 0."""
+    return LeakyReLU.apply(floating(a), negative_slope=negative_slope)
+
+
+def hardtanh(a: Tensor, min_val: float = -1.0, max_val: float = 1.0) -> Tensor:
+    """a clipped to [min_val, max_val]."""
+    if min_val > max_val:
+        raise ValueError(f"hardtanh: min_val {min_val} is greater than max_val {max_val}")
+    return Hardtanh.apply(floating(a), min_val=min_val, max_val=max_val)
+
+
+def hardswish(a: Tensor) -> Tensor:
+    """a relu6(a + 3) / 6 (MobileNetV3)."""
+    return Hardswish.apply(floating(a))
+
+
+def mish(a: Tensor) -> Tensor:
+    """a tanh(softplus(a))."""
+    return Mish.apply(floating(a))
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -384,18 +518,21 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return SwiGLU.apply(gate, up)
 
 
-def _single_axis(op: str, a: Tensor, axis, dim) -> int:
+def _single_axis(op: str, a: Tensor, axis, dim) -> int | None:
+    """The one axis a softmax normalizes over (default the last), non-negative. A 0-d tensor takes 0 and -1, as in
+    PyTorch, and gets None: its single element is a whole row (reductions over axis None cover it)."""
     axis, _ = normalize_axis(axis, dim)
     if axis is None:
         axis = -1
-    if not isinstance(axis, int) or not -a.ndim <= axis < (a.ndim or 1):
-        raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {a.shape}")
-    return axis
+    if not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{op}: dim must be one integer, got {axis!r}")
+    axes = canonical_axes(axis, a.ndim, op)
+    return axes[0] if axes else None
 
 
 def softmax(a: Tensor, axis: int | None = None, dim: int | None = None) -> Tensor:
     """exp(a) / sum(exp(a)) along one axis (default the last), stable for large logits and -inf."""
-    return Softmax.apply(a, axis=_single_axis("softmax", a, axis, dim))
+    return Softmax.apply(floating(a), axis=_single_axis("softmax", a, axis, dim))
 
 
 def masked_softmax(a: Tensor, keep=None, scale: float = 1.0) -> Tensor:
@@ -420,7 +557,7 @@ def masked_softmax(a: Tensor, keep=None, scale: float = 1.0) -> Tensor:
 
 
 def log_softmax(a: Tensor, axis: int | None = None, dim: int | None = None) -> Tensor:
-    return LogSoftmax.apply(a, axis=_single_axis("log_softmax", a, axis, dim))
+    return LogSoftmax.apply(floating(a), axis=_single_axis("log_softmax", a, axis, dim))
 
 
 def dropout(a: Tensor, p: float = 0.5, training: bool = True) -> Tensor:

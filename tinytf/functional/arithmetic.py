@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import as_tensor, sum_to
+from .common import as_tensor, floating, promoted_dtype, sum_to
 
 
 class Add(Function):
@@ -54,7 +56,12 @@ class Div(Function):
 
 
 class Pow(Function):
+    """a ** b. At the points where the calculus is undefined, PyTorch's conventions:
+    d/da = b a^(b-1) is 0 where b == 0 (so x ** 0 has gradient 0 at x = 0, not 0 * inf);
+    d/db = a^b log a is 0 where a == 0 and b >= 0 (the limit), -inf where a == 0 and b < 0, and NaN for a < 0."""
+
     def forward(self, a, b):
+        """(...) ** (...) -> broadcast shape"""
         out = a**b
         self.save_for_backward(a, b, out)
         return out
@@ -62,16 +69,20 @@ class Pow(Function):
     def backward(self, grad):
         a, b, out = self.saved_tensors
         xp = backend.get_array_module(a)
-        grad_a = sum_to(grad * b * a ** (b - 1), a.shape) if self.needs_input_grad[0] else None
-        grad_b = None
-        if self.needs_input_grad[1]:
-            # d(a^b)/db = a^b log a; taken as 0 where a == 0 (the limit for b > 0) instead of 0 * -inf.
-            log_a = xp.log(xp.where(a > 0, a, 1))
-            grad_b = sum_to(grad * out * log_a, b.shape)
+        with np.errstate(divide="ignore", invalid="ignore"):  # NumPy's warnings at the points set below
+            grad_a = None
+            if self.needs_input_grad[0]:  # b a^(b-1), taken as 0 where b == 0 (a^0 is constant; 0^-1 is inf)
+                grad_a = sum_to(xp.where(b == 0, 0, grad * b * a ** (b - 1)).astype(grad.dtype), a.shape)
+            grad_b = None
+            if self.needs_input_grad[1]:
+                grad_b = xp.where((a == 0) & (b >= 0), 0, grad * out * xp.log(a)).astype(grad.dtype)
+                grad_b = sum_to(grad_b, b.shape)
         return grad_a, grad_b
 
 
 class PowScalar(Function):
+    """a ** c for a Python number c, with Pow's convention: the gradient of a ** 0 is 0 everywhere."""
+
     def forward(self, a, exponent):
         """(...) ** python number -> (...)"""
         self.save_for_backward(a)
@@ -80,7 +91,10 @@ class PowScalar(Function):
 
     def backward(self, grad):
         (a,) = self.saved_tensors
-        return grad * (self.exponent * a ** (self.exponent - 1))
+        if self.exponent == 0:
+            return backend.get_array_module(grad).zeros_like(grad)  # not grad * 0: an infinite grad gives NaN
+        with np.errstate(divide="ignore"):  # 0 to a negative power is inf, as the derivative is
+            return grad * (self.exponent * a ** (self.exponent - 1))
 
 
 class Neg(Function):
@@ -233,10 +247,19 @@ class ToDevice(Function):
 
 
 def _binary(function, a, b, **params) -> Tensor:
+    a, b = promoted(a, b)
+    return function.apply(a, b, **params)
+
+
+def promoted(a, b) -> tuple[Tensor, Tensor]:
+    """Both operands as Tensors of the dtype PyTorch's promotion gives them (common.promoted_dtype)."""
     if not isinstance(a, Tensor):
         a = as_tensor(a, b)
     b = as_tensor(b, a)
-    return function.apply(a, b, **params)
+    if a.dtype == b.dtype:  # the common case, kept cheap: every add and compare passes here
+        return a, b
+    dtype = promoted_dtype(a, b)
+    return cast(a, dtype), cast(b, dtype)
 
 
 def add(a, b) -> Tensor:
@@ -251,14 +274,20 @@ def mul(a, b) -> Tensor:
     return _binary(Mul, a, b)
 
 
-def div(a, b) -> Tensor:
-    if isinstance(a, Tensor) and not backend.is_floating(a.dtype):
-        a = cast(a, backend.DEFAULT_DTYPE)
-    return _binary(Div, a, b)
+def true_divide(a, b) -> Tensor:
+    """a / b, true division: integer operands divide in the default float dtype, as in PyTorch."""
+    a, b = promoted(a, b)
+    if not backend.is_floating(a.dtype):
+        a, b = floating(a), floating(b)
+    return Div.apply(a, b)
 
 
 def pow(a, b) -> Tensor:
     if isinstance(a, Tensor) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        if isinstance(b, float):
+            a = floating(a)  # an integer tensor to a float power is a float tensor
+        elif a.dtype == bool:
+            a = cast(a, "int64")  # PyTorch: bool ** int is int64
         return PowScalar.apply(a, exponent=b)
     return _binary(Pow, a, b)
 
@@ -272,27 +301,27 @@ def abs(a: Tensor) -> Tensor:
 
 
 def exp(a: Tensor) -> Tensor:
-    return Exp.apply(a)
+    return Exp.apply(floating(a))
 
 
 def log(a: Tensor) -> Tensor:
-    return Log.apply(a)
+    return Log.apply(floating(a))
 
 
 def sqrt(a: Tensor) -> Tensor:
-    return Sqrt.apply(a)
+    return Sqrt.apply(floating(a))
 
 
 def rsqrt(a: Tensor) -> Tensor:
-    return Rsqrt.apply(a)
+    return Rsqrt.apply(floating(a))
 
 
 def sin(a: Tensor) -> Tensor:
-    return Sin.apply(a)
+    return Sin.apply(floating(a))
 
 
 def cos(a: Tensor) -> Tensor:
-    return Cos.apply(a)
+    return Cos.apply(floating(a))
 
 
 def maximum(a, b) -> Tensor:
@@ -313,8 +342,7 @@ def where(condition, a, b) -> Tensor:
     """Elements of `a` where `condition` is True, else of `b` (either may be a Python scalar)."""
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
         raise TypeError("where: at least one of the two value arguments must be a Tensor")
-    a = as_tensor(a, b) if not isinstance(a, Tensor) else a
-    b = as_tensor(b, a)
+    a, b = promoted(a, b)
     if isinstance(condition, Tensor):
         if condition.device != a.device:
             raise RuntimeError(f"where: the condition is on {condition.device}, the values on {a.device}")
@@ -337,7 +365,8 @@ def cast(a: Tensor, dtype) -> Tensor:
         return a
     if a.requires_grad and backend.is_floating(dtype):
         return Cast.apply(a, dtype=dtype)
-    return Tensor(a.data.astype(dtype))
+    with backend.device_scope(a.device):  # CuPy converts on its current device: make it the tensor's
+        return Tensor(a.data.astype(dtype))
 
 
 def to(a: Tensor, device=None, dtype=None) -> Tensor:
@@ -356,10 +385,9 @@ def to(a: Tensor, device=None, dtype=None) -> Tensor:
 
 def _comparison(name: str):
     def compare(a, b) -> Tensor:
-        if not isinstance(a, Tensor):
-            a = as_tensor(a, b)
-        b = as_tensor(b, a)
-        return Tensor(getattr(a.data, name)(b.data))
+        a, b = promoted(a, b)
+        with backend.device_scope(a.device):
+            return Tensor(getattr(a.data, name)(b.data))
 
     compare.__name__ = name.strip("_")
     compare.__doc__ = f"Elementwise `{name}` as a boolean tensor (not differentiable)."

@@ -1,5 +1,15 @@
-"""Helpers shared by the ops: broadcasting gradients back, Python scalars as tensors, and the tricks the tuned ops
-share (cache-sized row blocks, one scratch block reused by every block, row sums by a matrix-vector product)."""
+"""Helpers shared by the ops: broadcasting gradients back, Python scalars as tensors, PyTorch's type promotion, axis
+checks, and the tricks the tuned ops share (cache-sized row blocks, one scratch block reused by every block, row sums
+by a matrix-vector product).
+
+Type promotion follows PyTorch, not NumPy, so that float32 never turns into float64 silently:
+- categories rank bool < integer < floating; an operand of a higher category decides the result's dtype
+  (int64 tensor + float32 tensor -> float32; int64 tensor + Python float -> float32, the default float dtype);
+- within one category, a tensor with dimensions decides over a 0-d one (float32 tensor + float64 0-d -> float32),
+  and two tensors of the same kind of rank promote as NumPy does (float32 + float64 -> float64, int8 + uint8 -> int16);
+- a Python scalar takes the tensor's dtype (a float scalar with an integer or bool tensor: the default float dtype);
+- floating functions of integer or bool tensors (exp, sin, true division, ...) compute in the default float dtype.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +75,52 @@ def as_tensor(value, like: Tensor) -> Tensor:
     return Tensor(backend.to_device(value, like.device))
 
 
+def _category(dtype) -> int:
+    return {"b": 0, "i": 1, "u": 1, "f": 2}.get(np.dtype(dtype).kind, 3)
+
+
+def promoted_dtype(a: Tensor, b: Tensor) -> np.dtype:
+    """The dtype PyTorch gives a binary op of `a` and `b` (the rules in this module's docstring)."""
+    if a.dtype == b.dtype:
+        return a.dtype
+    category_a, category_b = _category(a.dtype), _category(b.dtype)
+    if category_a != category_b:
+        return a.dtype if category_a > category_b else b.dtype
+    if (a.ndim == 0) != (b.ndim == 0):
+        return b.dtype if a.ndim == 0 else a.dtype
+    return np.promote_types(a.dtype, b.dtype)
+
+
+def floating(a: Tensor) -> Tensor:
+    """`a` itself if it is floating, else `a` in the default float dtype: the input of a floating function."""
+    if backend.is_floating(a.dtype):
+        return a
+    with backend.device_scope(a.device):  # CuPy converts on its current device: make it the tensor's
+        return Tensor(a.data.astype(backend.DEFAULT_DTYPE))  # integers carry no gradient
+
+
+def canonical_axes(axis, ndim: int, op: str) -> tuple[int, ...] | None:
+    """`axis` (None, an int or a sequence of ints, negative counting from the end) as sorted non-negative axes, or
+    None for all of them. A 0-d tensor accepts the axes 0 and -1, as PyTorch does, and has no axes to reduce (()).
+    An axis out of range is an IndexError naming the range, as in PyTorch and NumPy."""
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    extent = max(ndim, 1)
+    for value in axes:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{op}: axes must be integers, got {value!r}")
+        if not -extent <= value < extent:
+            raise IndexError(f"{op}: dimension {value} is out of range for a tensor of {ndim} dimensions "
+                             f"(expected a value in [{-extent}, {extent - 1}])")
+    if ndim == 0:
+        return ()
+    normalized = sorted(int(value) % ndim for value in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{op}: the dimension {axis!r} names an axis twice")
+    return tuple(normalized)
+
+
 def normalize_axis(axis=None, dim=None, keepdims=None, keepdim=None):
     """Accept NumPy's (`axis`, `keepdims`) and PyTorch's (`dim`, `keepdim`) spellings; returns (axis, keepdims)."""
     if axis is not None and dim is not None:
@@ -81,7 +137,7 @@ def expand_reduced(grad, input_shape: tuple[int, ...], axis, keepdims: bool):
     """Reinsert the axes a reduction removed, so `grad` broadcasts against the reduction's input."""
     if axis is None:
         return grad.reshape((1,) * len(input_shape)) if not keepdims else grad
-    if keepdims:
+    if keepdims or not input_shape:  # a 0-d input loses no axis
         return grad
     axes = (axis,) if isinstance(axis, int) else axis
     axes = sorted(a % len(input_shape) for a in axes)

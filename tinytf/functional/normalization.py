@@ -221,3 +221,163 @@ def rms_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, eps: flo
     size = normalized_shape[-1] if isinstance(normalized_shape, (tuple, list)) else normalized_shape
     _check_feature("rms_norm", x, size, weight)
     return RMSNorm.apply(x, weight, eps=eps) if weight is not None else RMSNorm.apply(x, eps=eps)
+
+
+# --- Batch norm and group norm -----------------------------------------------------------------------------------
+# The same standardization as layer norm, over other axes: batch norm over the batch and spatial axes of each channel
+# (N, C, *) -> per C; group norm over the channels of a group and the spatial axes of each sample, (N, G, C/G * ...)
+# -> per (N, G). With x_hat = (x - mean) * rstd over those axes and g = dL/dx_hat:
+#     dL/dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))
+# When batch norm normalizes by its running statistics (evaluation), they are constants: dL/dx = rstd * g.
+
+
+def _standardize(x, axes: tuple[int, ...], eps: float):
+    """x_hat = (x - mean) * rstd over `axes`, in float32 at least; returns x_hat, mean, biased var and rstd (the
+    statistics keep their axes, as size 1)."""
+    xp = backend.get_array_module(x)
+    x_up = x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
+    mean = x_up.mean(axis=axes, keepdims=True)
+    centered = x_up - mean
+    var = (centered * centered).mean(axis=axes, keepdims=True)
+    rstd = 1 / xp.sqrt(var + eps)
+    return centered * rstd, mean, var, rstd
+
+
+def _standardize_backward(grad_x_hat, x_hat, rstd, axes: tuple[int, ...]):
+    """dL/dx from dL/dx_hat, for x_hat = _standardize(x, axes) (the formula above)."""
+    mean_grad = grad_x_hat.mean(axis=axes, keepdims=True)
+    mean_projection = (grad_x_hat * x_hat).mean(axis=axes, keepdims=True)
+    return rstd * (grad_x_hat - mean_grad - x_hat * mean_projection)
+
+
+def _per_channel(vector, ndim: int):
+    """A (C,) vector shaped (C, 1, ...) to broadcast over the channel axis 1 of an ndim-d (N, C, ...) array."""
+    return vector.reshape(-1, *(1,) * (ndim - 2))
+
+
+def _affine(x_hat, weight, bias):
+    """x_hat * weight + bias per channel (axis 1); a missing weight is 1, a missing bias 0."""
+    out = x_hat if weight is None else x_hat * _per_channel(weight, x_hat.ndim)
+    return out if bias is None else out + _per_channel(bias, x_hat.ndim)
+
+
+def _affine_grads(function: Function, grad, x_hat, weight):
+    """(dL/dx_hat, then dL/dweight and dL/dbias for those passed) of y = x_hat * weight + bias per channel."""
+    needs, sums = function.needs_input_grad, (0, *range(2, grad.ndim))
+    dy = grad.astype(x_hat.dtype, copy=False)
+    grads = []
+    if weight is not None:
+        grads.append((dy * x_hat).sum(axis=sums).astype(weight.dtype, copy=False) if needs[1] else None)
+    if function.has_bias:
+        bias_position = 1 + (weight is not None)  # the inputs are x, then weight and bias where given
+        grads.append(dy.sum(axis=sums).astype(grad.dtype, copy=False) if needs[bias_position] else None)
+    grad_x_hat = dy if weight is None else dy * _per_channel(weight, dy.ndim)
+    return grad_x_hat, grads
+
+
+class BatchNorm(Function):
+    def forward(self, x, *affine, running_mean, running_var, training: bool, momentum: float, eps: float,
+                has_weight: bool, has_bias: bool):
+        """(N, C, *), then weight (C,) and bias (C,) where given -> (N, C, *). In training, normalizes by the batch's
+        statistics and moves the running ones (if given) towards them, in place; otherwise by the running ones."""
+        xp = backend.get_array_module(x)
+        axes = (0, *range(2, x.ndim))
+        if training:
+            x_hat, mean, var, rstd = _standardize(x, axes, eps)
+            if running_mean is not None:
+                count = x.size // x.shape[1]
+                running_mean *= 1 - momentum
+                running_mean += (momentum * mean.reshape(-1)).astype(running_mean.dtype, copy=False)
+                running_var *= 1 - momentum  # the running variance is the unbiased estimate, as in PyTorch
+                running_var += (momentum * count / (count - 1) * var.reshape(-1)).astype(running_var.dtype, copy=False)
+        else:
+            compute = xp.promote_types(x.dtype, xp.float32)
+            rstd = _per_channel(1 / xp.sqrt(running_var.astype(compute) + eps), x.ndim)
+            x_hat = (x.astype(compute, copy=False) - _per_channel(running_mean.astype(compute), x.ndim)) * rstd
+        weight = affine[0] if has_weight else None
+        self.save_for_backward(x_hat, rstd, weight)
+        self.training, self.has_bias = training, has_bias
+        return _affine(x_hat, weight, affine[-1] if has_bias else None).astype(x.dtype, copy=False)
+
+    def backward(self, grad):
+        x_hat, rstd, weight = self.saved_tensors
+        grad_x_hat, affine_grads = _affine_grads(self, grad, x_hat, weight)
+        grad_x = None
+        if self.needs_input_grad[0]:
+            axes = (0, *range(2, grad.ndim))
+            grad_x = _standardize_backward(grad_x_hat, x_hat, rstd, axes) if self.training else grad_x_hat * rstd
+            grad_x = grad_x.astype(grad.dtype, copy=False)
+        return grad_x, *affine_grads
+
+
+class GroupNorm(Function):
+    def forward(self, x, *affine, num_groups: int, eps: float, has_weight: bool, has_bias: bool):
+        """(N, C, *), then weight (C,) and bias (C,) where given -> (N, C, *), each sample's groups of C / num_groups
+        channels normalized on their own."""
+        grouped = x.reshape(x.shape[0], num_groups, -1)
+        x_hat, _, _, rstd = _standardize(grouped, (2,), eps)
+        x_hat = x_hat.reshape(x.shape)
+        weight = affine[0] if has_weight else None
+        self.save_for_backward(x_hat, rstd, weight)
+        self.has_bias = has_bias
+        return _affine(x_hat, weight, affine[-1] if has_bias else None).astype(x.dtype, copy=False)
+
+    def backward(self, grad):
+        x_hat, rstd, weight = self.saved_tensors
+        grad_x_hat, affine_grads = _affine_grads(self, grad, x_hat, weight)
+        grad_x = None
+        if self.needs_input_grad[0]:
+            grouped_shape = (grad.shape[0], rstd.shape[1], -1)
+            grad_x = _standardize_backward(grad_x_hat.reshape(grouped_shape), x_hat.reshape(grouped_shape), rstd, (2,))
+            grad_x = grad_x.reshape(grad.shape).astype(grad.dtype, copy=False)
+        return grad_x, *affine_grads
+
+
+def _check_channels(op: str, x: Tensor, **params) -> int:
+    """The channel count C of an (N, C, *) input, after checking that each given parameter has shape (C,)."""
+    if x.ndim < 2:
+        raise ValueError(f"{op}: expected an input of shape (N, C, *), got {x.shape}")
+    channels = x.shape[1]
+    for name, param in params.items():
+        if param is not None and tuple(param.shape) != (channels,):
+            raise ValueError(f"{op}: {name} of shape {tuple(param.shape)}, expected ({channels},) for the "
+                             f"{channels} channels of an input of shape {x.shape}")
+    return channels
+
+
+def _array(value):
+    return value.data if isinstance(value, Tensor) else value
+
+
+def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalize each channel of x (N, C, *) over the batch and spatial axes, then scale and shift it per channel,
+    as torch.nn.functional.batch_norm. In training the batch's statistics normalize, and running_mean and
+    running_var (arrays or Tensors of shape (C,), or None) are updated in place:
+    running = (1 - momentum) * running + momentum * batch statistic. Otherwise the running statistics normalize."""
+    running_mean, running_var = _array(running_mean), _array(running_var)
+    channels = _check_channels("batch_norm", x, running_mean=running_mean, running_var=running_var,
+                               weight=weight, bias=bias)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm: evaluation (training=False) needs running_mean and running_var")
+    if training and x.numel() // max(channels, 1) < 2:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape "
+                         f"{x.shape}")
+    affine = [param for param in (weight, bias) if param is not None]
+    return BatchNorm.apply(x, *affine, running_mean=running_mean, running_var=running_var, training=training,
+                           momentum=momentum, eps=eps, has_weight=weight is not None, has_bias=bias is not None)
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """Normalize each sample's groups of channels of x (N, C, *), then scale and shift per channel, as
+    torch.nn.functional.group_norm."""
+    channels = _check_channels("group_norm", x, weight=weight, bias=bias)
+    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        raise ValueError(f"group_norm: num_groups={num_groups!r} must be a positive int dividing the {channels} "
+                         "channels")
+    affine = [param for param in (weight, bias) if param is not None]
+    return GroupNorm.apply(x, *affine, num_groups=num_groups, eps=eps, has_weight=weight is not None,
+                           has_bias=bias is not None)

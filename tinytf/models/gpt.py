@@ -170,7 +170,7 @@ class GPT(Module):
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits, targets)
+        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # classes last
 
     # --- generation ---------------------------------------------------------------------------------------------
     def make_kv_caches(self, batch_size: int) -> list[KVCache]:

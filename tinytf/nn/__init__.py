@@ -1,12 +1,16 @@
-"""Modules: layers with parameters, attention, the decoder block; nn.functional: the ops and attention."""
+"""Modules: layers with parameters, convolutions and pooling, attention, the decoder block; nn.functional: the ops
+and attention."""
 
 from . import functional
 from .attention import KVCache, MultiHeadAttention
 from .block import DecoderBlock
+from .conv import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv1d, Conv2d, ConvTranspose2d, GroupNorm,
+                   MaxPool2d)
 from .layers import Dropout, Embedding, GELUMLP, LayerNorm, Linear, RMSNorm, SwiGLUMLP
 from .module import Module, ModuleList, Parameter, init_skipped, skip_init
 
 __all__ = [
-    "DecoderBlock", "Dropout", "Embedding", "GELUMLP", "KVCache", "LayerNorm", "Linear", "Module", "ModuleList",
+    "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv1d", "Conv2d", "ConvTranspose2d", "DecoderBlock", "Dropout",
+    "Embedding", "GELUMLP", "GroupNorm", "KVCache", "LayerNorm", "Linear", "MaxPool2d", "Module", "ModuleList",
     "MultiHeadAttention", "Parameter", "RMSNorm", "SwiGLUMLP", "init_skipped", "skip_init",
 ]
