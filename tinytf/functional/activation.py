@@ -31,7 +31,7 @@ class Tanh(Function):
 
 class Sigmoid(Function):
     def forward(self, a):
-        out = _sigmoid(a)
+        out = sigmoid_array(a)
         self.save_for_backward(out)
         return out
 
@@ -212,7 +212,7 @@ def _sigmoid_into(x, out) -> None:
     out += 0.5
 
 
-def _sigmoid(x):
+def sigmoid_array(x):
     """sigmoid(x) as a new array (see _sigmoid_into)."""
     out = backend.get_array_module(x).empty_like(x)
     _sigmoid_into(x, out)
@@ -285,7 +285,7 @@ class Softplus(Function):
     def backward(self, grad):
         (scaled,) = self.saved_tensors
         # d/da log(1 + e^(beta a)) / beta = sigmoid(beta a); 1 on the linear side
-        return grad * backend.get_array_module(scaled).where(scaled > self.threshold, 1, _sigmoid(scaled))
+        return grad * backend.get_array_module(scaled).where(scaled > self.threshold, 1, sigmoid_array(scaled))
 
 
 class ELU(Function):
@@ -354,7 +354,7 @@ class Mish(Function):
     def backward(self, grad):
         a, t = self.saved_tensors
         # d/da = t + a (1 - t^2) sigmoid(a), since softplus'(a) = sigmoid(a)
-        return grad * (t + a * (1 - t * t) * _sigmoid(a))
+        return grad * (t + a * (1 - t * t) * sigmoid_array(a))
 
 
 def _stable_max(a, axis: int | None):

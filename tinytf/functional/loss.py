@@ -17,6 +17,7 @@ import math
 
 from .. import backend
 from ..tensor import Function, Tensor
+from .activation import sigmoid_array
 from .arithmetic import minimum, where
 from .common import as_tensor
 
@@ -175,12 +176,11 @@ class BinaryCrossEntropyWithLogits(Function):
 
     def backward(self, grad):
         logits, targets, softplus_negative = self.saved_tensors
-        xp = backend.get_array_module(logits)
         pos_weight = self.pos_weight
         grad_logits = grad_targets = None
         if self.needs_input_grad[0]:
-            sigmoid = 0.5 * (1 + xp.tanh(0.5 * logits))  # d softplus(-x) / dx = sigmoid(x) - 1
-            grad_logits = grad * ((1 + (pos_weight - 1) * targets) * sigmoid - pos_weight * targets)
+            # d softplus(-x) / dx = sigmoid(x) - 1
+            grad_logits = grad * ((1 + (pos_weight - 1) * targets) * sigmoid_array(logits) - pos_weight * targets)
         if self.needs_input_grad[1]:
             grad_targets = grad * ((pos_weight - 1) * softplus_negative - logits)
         return grad_logits, grad_targets

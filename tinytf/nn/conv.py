@@ -11,7 +11,7 @@ from ..functional.convolution import conv1d, conv2d, conv_transpose2d, pair
 from ..functional.normalization import batch_norm, group_norm
 from ..functional.pooling import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from ..tensor import Tensor
-from .layers import _uniform
+from .layers import uniform_parameter
 from .module import Module, Parameter
 
 
@@ -31,8 +31,8 @@ class _ConvNd(Module):
         shape = (in_channels, out_channels // groups, *kernel) if transposed else \
             (out_channels, in_channels // groups, *kernel)
         bound = 1 / math.sqrt(shape[1] * math.prod(kernel))
-        self.weight = _uniform(shape, bound)
-        self.bias = _uniform((out_channels,), bound) if bias else None
+        self.weight = uniform_parameter(shape, bound)
+        self.bias = uniform_parameter((out_channels,), bound) if bias else None
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -12,7 +12,8 @@ from ..tensor import Tensor
 from .module import Module, Parameter, init_skipped
 
 
-def _uniform(shape, bound: float) -> Parameter:
+def uniform_parameter(shape, bound: float) -> Parameter:
+    """A float32 Parameter drawn from U(-bound, bound) with the seeded CPU generator (empty under skip_init)."""
     if init_skipped():
         return Parameter(np.empty(shape, dtype=np.float32))
     draws = backend.generator("cpu").random(shape, dtype=np.float32)
@@ -26,8 +27,8 @@ class Linear(Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
-        self.weight = _uniform((out_features, in_features), bound)
-        self.bias = _uniform((out_features,), bound) if bias else None
+        self.weight = uniform_parameter((out_features, in_features), bound)
+        self.bias = uniform_parameter((out_features,), bound) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
