@@ -1,6 +1,7 @@
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -255,11 +256,24 @@ def test_load_json_reports_missing_and_malformed_files(tmp_path):
 
 
 def test_load_arrays_reports_a_dtype_numpy_cannot_hold(tmp_path):
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
-    path = tmp_path / "bf16.safetensors"
+    header = json.dumps({"w": {"dtype": "F8_E5M2", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "fp8.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
-    with pytest.raises(CheckpointError, match="bf16.safetensors: holds arrays of dtype 'BF16'"):
+    with pytest.raises(CheckpointError, match="fp8.safetensors: holds arrays of dtype 'F8_E5M2'"):
         load_arrays(path)
+
+
+def test_bfloat16_and_float16_arrays_round_trip_bit_for_bit(tmp_path):
+    bits = np.arange(2**16, dtype=np.uint16)  # every 16-bit pattern, NaNs and infinities included
+    arrays = {"bf16": bits.view(ml_dtypes.bfloat16).reshape(256, 256), "fp16": bits.view(np.float16)}
+    save_arrays(tmp_path / "half.safetensors", arrays)
+    payload = (tmp_path / "half.safetensors").read_bytes()
+    header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    assert {header[name]["dtype"] for name in arrays} == {"BF16", "F16"}  # the standard names, for other readers
+    loaded = load_arrays(tmp_path / "half.safetensors")
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
+        np.testing.assert_array_equal(loaded[name].view(np.uint16), array.view(np.uint16))
 
 
 # --- whole folders: staged replacement and the folder lock ------------------------------------------------------------

@@ -53,3 +53,23 @@ def test_the_alarm_rings_for_an_upcast():
     weights = np.ones(3, dtype=np.float32).view(Float64Alarm)
     weights * np.float64(2.0)  # a NumPy float64 scalar is not weak: the result is float64
     assert Float64Alarm.made
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+@pytest.mark.parametrize("attention", ["naive", "flash"])
+def test_a_half_precision_forward_and_backward_make_no_float64_array(monkeypatch, preset, attention, dtype):
+    """model.to(bfloat16) computes in float32 where it accumulates (and its loss is float32): never in float64."""
+    monkeypatch.setattr(tinytf.attention, "AUTO_FLASH_MIN_SCORES", 0 if attention == "flash" else 1 << 40)
+    tinytf.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=65, n_layer=2, n_head=4, n_embd=32, block_size=16,
+                                      dropout=0.1)).to(dtype)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.view(Float64Alarm)
+    ids = np.random.default_rng(0).integers(0, 65, (3, 17))
+    Float64Alarm.made = []
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert type(loss.data) is Float64Alarm, "the loss no longer derives from the parameters: the check sees nothing"
+    assert loss.dtype == np.float32
+    assert not Float64Alarm.made, "float64 arrays made at:\n" + "\n".join(sorted(set(Float64Alarm.made)))

@@ -181,10 +181,17 @@ def test_naive_runs_only_where_its_score_matrices_fit_in_half_the_free_memory():
 
 
 def test_cases_run_shortest_length_first_for_every_configuration():
-    cases = attention_cases([512, 1024], [64, 128], [TINYTF_KERNEL, CUPY_NAIVE, TORCH_SDPA])
-    assert len(cases) == 2 * 2 * 2 * 2 * 3
-    assert [case.seq_len for case in cases] == [512] * 24 + [1024] * 24
-    assert {case.configuration for case in cases[:24]} == {case.configuration for case in cases[24:]}
+    cases = attention_cases([512, 1024], [64, 128], [TINYTF_KERNEL, CUPY_NAIVE, TORCH_SDPA], ("bfloat16", "float32"))
+    assert len(cases) == 2 * 2 * 2 * 2 * 2 * 3
+    assert [case.seq_len for case in cases] == [512] * 48 + [1024] * 48
+    assert {case.configuration for case in cases[:48]} == {case.configuration for case in cases[48:]}
+    assert [case.dtype for case in cases[:48]] == ["bfloat16"] * 24 + ["float32"] * 24
+
+
+def test_torch_is_held_to_its_flash_kernel_in_half_precision_only():
+    pytest.importorskip("torch", reason="torch (the interop extra) names the SDPA backends")
+    assert [b.name for b in gpu_check.torch_sdpa_backends("bfloat16")] == ["FLASH_ATTENTION"]
+    assert "MATH" in [b.name for b in gpu_check.torch_sdpa_backends("float32")]
 
 
 class FakeClock:
@@ -304,7 +311,7 @@ def test_metrics_give_first_and_last_losses_and_throughput(tmp_path):
 
 def fake_report() -> dict:
     """A report as the sections write it, with made-up values: for the renderer only."""
-    ok = {"implementation": TINYTF_KERNEL, "T": 512, "S": 512, "D": 64, "causal": True, "pass": "forward", "B": 1,
+    ok = {"implementation": TINYTF_KERNEL, "dtype": "bfloat16", "T": 512, "S": 512, "D": 64, "causal": True, "pass": "forward", "B": 1,
           "H": 16, "status": "ok", "median_s": 0.002, "times_s": [0.002], "tflops": 1.5, "peak_extra_bytes": 3 * 2**20}
     return {
         "format_version": 1, "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:07:00+00:00",
@@ -328,7 +335,7 @@ def fake_report() -> dict:
             "llama": {"status": "error", "error": "KeyError: 'iter'",
                       "traceback": ["Traceback ...", "KeyError: 'iter'"]},
         },
-        "attention": {"B": 1, "H": 16, "dtype": "float32", "implementations": [TINYTF_KERNEL, CUPY_NAIVE],
+        "attention": {"B": 1, "H": 16, "dtypes": ["bfloat16", "float32"], "implementations": [TINYTF_KERNEL, CUPY_NAIVE],
                       "timing_method": "wall clock", "memory_method": "pool bytes", "naive_skip_rule": "half",
                       "torch": "torch not installed",
                       "results": [ok, {**ok, "implementation": CUPY_NAIVE, "status": "skipped: would need ~9 GiB"}]},
@@ -345,7 +352,7 @@ def test_the_markdown_shows_each_section_as_tables():
     assert ("| gpt2 | done (exit 0) | iter 50: 2.800 / 2.900 | iter 200: 2.100 / 2.300 | yes | 123,456 | 100,000 "
             "| 41.5 s |") in text
     assert "| llama | error: KeyError: 'iter' |" in text
-    assert "| forward | yes | 64 | 512 | 2.00 ms, 1.5 TFLOP/s, 3 MiB | skipped: would need ~9 GiB | - |" in text
+    assert "| bfloat16 | forward | yes | 64 | 512 | 2.00 ms, 1.5 TFLOP/s, 3 MiB | skipped: would need ~9 GiB | - |" in text
     assert "torch is left out: torch not installed." in text
 
 

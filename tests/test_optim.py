@@ -1,12 +1,14 @@
+import json
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import tinytf
 from tinytf import backend
 from tinytf.checkpoint import load_checkpoint, save_checkpoint
-from tinytf.optim import SGD, AdamW, clip_grad_norm_, lr_at, weight_decay_groups
+from tinytf.optim import SGD, AdamW, GradScaler, clip_grad_norm_, lr_at, weight_decay_groups
 
 # Each parameter pulls towards its own target: grad = p - target, so the gradients depend on the updates so far.
 SHAPES = [(3, 4), (4,), (2, 3, 2)]
@@ -280,6 +282,257 @@ def test_clip_grad_norm_returns_a_non_finite_norm_for_the_caller_to_see():
     assert math.isinf(clip_grad_norm_(param, 1.0))
     with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
         clip_grad_norm_(param, -1.0)
+
+
+# --- mixed precision: float32 master weights ----------------------------------------------------------------------
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+LOW_PRECISION = [BFLOAT16, np.dtype(np.float16)]
+MAKE_OPTIMIZERS = {
+    "adamw": lambda params: AdamW(params, lr=0.05, betas=(0.8, 0.95), weight_decay=0.1),
+    "sgd": lambda params: SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+
+
+def _low_precision_problem(dtype, device="cpu"):
+    """The float64 problem rounded to `dtype`, and a float32 twin holding the same values."""
+    params, targets = _problem(device=device)
+    low = [tinytf.tensor(backend.to_numpy(p.data).astype(dtype), requires_grad=True, device=device) for p in params]
+    twin = [tinytf.tensor(backend.to_numpy(p.data).astype(np.float32), requires_grad=True, device=device) for p in low]
+    return low, twin, [backend.to_numpy(t).astype(np.float32) for t in targets]
+
+
+def _set_low_precision_grads(low, twin, targets, device="cpu"):
+    """Gradients in the parameters' dtype, from the rounded weights, as a 16-bit backward would deliver them; the
+    twin gets the same values in float32."""
+    for param, twin_param, target in zip(low, twin, targets):
+        grad = (backend.to_numpy(param.data).astype(np.float32) - target).astype(param.dtype)
+        param.grad = backend.to_device(grad, device)
+        twin_param.grad = backend.to_device(grad.astype(np.float32), device)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("kind", sorted(MAKE_OPTIMIZERS))
+def test_low_precision_parameters_step_a_float32_master_and_take_its_rounding(kind, dtype, device):
+    """The master copy follows exactly the float32 optimizer fed the same gradients (the float32 path is checked
+    against the float64 textbook above); the parameter is the master rounded to nearest even, bit for bit."""
+    low, twin, targets = _low_precision_problem(dtype, device)
+    arrays = [p.data for p in low]
+    optimizer, twin_optimizer = MAKE_OPTIMIZERS[kind](low), MAKE_OPTIMIZERS[kind](twin)
+    for _ in range(4):
+        _set_low_precision_grads(low, twin, targets, device)
+        optimizer.step()
+        twin_optimizer.step()
+        for param, twin_param in zip(low, twin):
+            state = optimizer.state[id(param)]
+            master = backend.to_numpy(state["master"])
+            assert {value.dtype for value in state.values() if hasattr(value, "dtype")} == {np.dtype(np.float32)}
+            np.testing.assert_array_equal(master, twin_param.numpy())
+            assert param.dtype == dtype
+            np.testing.assert_array_equal(param.numpy().view(np.uint16), master.astype(dtype).view(np.uint16))
+    assert all(p.data is array for p, array in zip(low, arrays))  # in place
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_updates_below_half_an_ulp_accumulate_in_the_master_copy(dtype):
+    """At 1.0 a bfloat16 ulp is 2^-7 (float16: 2^-10); steps of 2^-12 round away on the 16-bit weight itself."""
+    param = tinytf.tensor(np.ones(3, dtype=dtype), requires_grad=True)
+    optimizer = SGD([param], lr=2.0**-12)
+    for _ in range(64):
+        param.grad = np.ones(3, dtype=dtype)
+        optimizer.step()
+    expected_master = np.float32(1.0) - np.float32(64 * 2.0**-12)  # every partial sum is exact in float32
+    np.testing.assert_array_equal(optimizer.state[id(param)]["master"], np.full(3, expected_master))
+    np.testing.assert_array_equal(param.data, np.full(3, expected_master).astype(dtype))
+    assert param.data[0] < 1.0
+
+
+def test_low_precision_state_through_a_checkpoint_continues_bit_identically(tmp_path, device):
+    low, twin, targets = _low_precision_problem(BFLOAT16, device)
+    optimizer = MAKE_OPTIMIZERS["adamw"](low)
+    for _ in range(3):
+        _set_low_precision_grads(low, twin, targets, device)
+        optimizer.step()
+    save_checkpoint(tmp_path, {str(i): p.data for i, p in enumerate(low)}, {}, optimizer.state_dict())
+    loaded = load_checkpoint(tmp_path)
+    assert set(loaded.optimizer_state["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "master"}
+    resumed = [tinytf.tensor(loaded.weights[str(i)], requires_grad=True, device=device) for i in range(len(low))]
+    assert resumed[0].dtype == BFLOAT16
+    resumed_optimizer = MAKE_OPTIMIZERS["adamw"](resumed)
+    resumed_optimizer.load_state_dict(loaded.optimizer_state)
+    for _ in range(3):
+        _set_low_precision_grads(low, twin, targets, device)
+        _set_low_precision_grads(resumed, twin, targets, device)
+        optimizer.step()
+        resumed_optimizer.step()
+    for param, resumed_param in zip(low, resumed):
+        np.testing.assert_array_equal(param.numpy().view(np.uint16), resumed_param.numpy().view(np.uint16))
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(backend.to_numpy(optimizer.state[id(param)][key]),
+                                          backend.to_numpy(resumed_optimizer.state[id(resumed_param)][key]))
+
+
+def test_a_low_precision_state_without_its_master_copy_is_refused():
+    low, twin, targets = _low_precision_problem(BFLOAT16)
+    optimizer = AdamW(twin)
+    _set_low_precision_grads(low, twin, targets)
+    optimizer.step()
+    with pytest.raises(ValueError, match=r"parameter 0 has entries \['exp_avg', 'exp_avg_sq', 'step'\], expected "
+                                         r"\['exp_avg', 'exp_avg_sq', 'master', 'step'\] for AdamW and a bfloat16"):
+        AdamW(low).load_state_dict(optimizer.state_dict())
+
+
+def test_float32_parameters_keep_no_master_copy():
+    params, targets = _problem(dtype=np.float32)
+    optimizer = AdamW(params)
+    _set_grads(params, targets)
+    optimizer.step()
+    assert all(set(optimizer.state[id(p)]) == {"step", "exp_avg", "exp_avg_sq"} for p in params)
+
+
+def test_clip_grad_norm_accumulates_low_precision_gradients_in_float32():
+    """4096 ones: the norm is 64. Summed in bfloat16 the squares would stall at 256 (256 + 1 rounds back to 256),
+    giving 16."""
+    param = tinytf.tensor(np.zeros(4096, dtype=BFLOAT16), requires_grad=True)
+    param.grad = np.ones(4096, dtype=BFLOAT16)
+    assert clip_grad_norm_([param], max_norm=1.0) == 64.0
+    assert param.grad.dtype == BFLOAT16
+    # The scaled gradient is rounded once to bfloat16, as the reference here.
+    np.testing.assert_array_equal(param.grad, np.full(4096, np.float32(1.0 / (64.0 + 1e-6))).astype(BFLOAT16))
+
+
+# --- dynamic loss scaling ---------------------------------------------------------------------------------------------
+def _fp16_problem():
+    """A float16 model's two parameters after one good step of AdamW (so its state exists)."""
+    params = [tinytf.tensor(np.array([0.5, -1.0, 2.0], dtype=np.float16), requires_grad=True),
+              tinytf.tensor(np.array([[1.5, 0.25]], dtype=np.float16), requires_grad=True)]
+    optimizer = AdamW(params, lr=0.01)
+    for param in params:
+        param.grad = np.full(param.shape, 0.125, dtype=np.float16)
+    optimizer.step()
+    return params, optimizer
+
+
+def test_an_overflowing_gradient_skips_the_step_keeps_everything_and_halves_the_scale():
+    params, optimizer = _fp16_problem()
+    weights = [p.data.copy() for p in params]
+    state = {key: backend.to_numpy(value).copy() if hasattr(value, "shape") else value
+             for key, value in optimizer.state[id(params[0])].items()}
+    scaler = GradScaler(init_scale=2.0**16, growth_interval=3)
+    params[0].grad = np.array([np.inf, 1.0, 2.0], dtype=np.float16)  # what a scaled backward gives on overflow
+    params[1].grad = np.array([[1.0, 2.0]], dtype=np.float16)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15
+    for param, weight in zip(params, weights):
+        np.testing.assert_array_equal(param.data, weight)
+    after = optimizer.state[id(params[0])]
+    assert after["step"] == state["step"] == 1
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(after[key], state[key])
+
+    params[0].grad = np.array([np.nan, 1.0, 2.0], dtype=np.float16)  # NaN too
+    params[1].grad = np.array([[1.0, 2.0]], dtype=np.float16)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**14 and optimizer.state[id(params[0])]["step"] == 1
+
+
+def test_the_scale_grows_after_growth_interval_good_steps_in_a_row():
+    params, optimizer = _fp16_problem()
+    scaler = GradScaler(init_scale=4.0, growth_factor=2.0, backoff_factor=0.25, growth_interval=3)
+
+    def step(value):
+        for param in params:
+            param.grad = np.full(param.shape, value, dtype=np.float16)
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler.get_scale()
+
+    assert [step(1.0), step(1.0), step(1.0)] == [4.0, 4.0, 8.0]
+    assert [step(1.0), step(1.0), step(np.inf), step(1.0), step(1.0), step(1.0)] == [8.0, 8.0, 2.0, 2.0, 2.0, 4.0]
+    assert optimizer.state[id(params[0])]["step"] == 1 + 8  # every step but the overflowing one was taken
+    assert scaler.state_dict() == {"scale": 4.0, "growth_factor": 2.0, "backoff_factor": 0.25, "growth_interval": 3,
+                                   "_growth_tracker": 0}
+
+
+def test_unscale_then_clip_clips_the_true_gradients_and_step_does_not_unscale_again():
+    """The loss scaled by 2^10 through a real backward: the unscaled, clipped gradients and the step equal those of
+    the unscaled loss, computed in float32 (the scale is a power of two, so scaling and unscaling are exact)."""
+    values = np.array([3.0, -4.0, 12.0], dtype=np.float32)
+    weights = np.array([1.0, 2.0, 0.5], dtype=np.float32)
+
+    def loss_of(param):
+        return (param * tinytf.tensor(weights)).sum()  # gradient: weights, norm 2.29
+
+    param = tinytf.tensor(values, requires_grad=True)
+    scaler = GradScaler(init_scale=2.0**10)
+    optimizer = SGD([param], lr=0.5)
+    scaler.scale(loss_of(param)).backward()
+    np.testing.assert_array_equal(param.grad, weights * 2.0**10)
+    scaler.unscale_(optimizer)
+    np.testing.assert_array_equal(param.grad, weights)
+    norm = clip_grad_norm_([param], max_norm=1.0)
+    assert norm == pytest.approx(float(np.linalg.norm(weights.astype(np.float64))), rel=1e-6)
+    clipped = param.grad.copy()
+    scaler.step(optimizer)
+    scaler.update()
+    np.testing.assert_array_equal(param.data, values - np.float32(0.5) * clipped)
+    assert scaler.get_scale() == 2.0**10
+    with pytest.raises(RuntimeError, match="found no inf/NaN check since the last update"):
+        scaler.update()
+
+
+def test_unscaling_keeps_the_small_float16_gradients_in_float32():
+    """2^-30 is below float16's smallest subnormal (2^-24); scaled by 2^16 it is 2^-14, and unscaled in float32
+    it is 2^-30 again, where dividing back into float16 would give 0."""
+    param = tinytf.tensor(np.zeros(2, dtype=np.float16), requires_grad=True)
+    param.grad = np.array([2.0**-14, 1.0], dtype=np.float16)
+    scaler, optimizer = GradScaler(), SGD([param], lr=1.0)
+    scaler.unscale_(optimizer)
+    assert param.grad.dtype == np.float32
+    np.testing.assert_array_equal(param.grad, np.array([2.0**-30, 2.0**-16], dtype=np.float32))
+    with pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called"):
+        scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    with pytest.raises(RuntimeError, match=r"step\(\) has already been called"):
+        scaler.step(optimizer)
+    with pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called"):
+        scaler.unscale_(optimizer)
+    np.testing.assert_array_equal(optimizer.state[id(param)]["master"], np.array([-(2.0**-30), -(2.0**-16)],
+                                                                                 dtype=np.float32))
+
+
+def test_a_disabled_scaler_passes_everything_through():
+    param = tinytf.tensor(np.array([1.0, 2.0], dtype=np.float32), requires_grad=True)
+    scaler, optimizer = GradScaler(enabled=False), SGD([param], lr=1.0)
+    loss = (param * param).sum()
+    assert scaler.scale(loss) is loss and scaler.get_scale() == 1.0 and not scaler.is_enabled()
+    param.grad = np.array([np.inf, 1.0], dtype=np.float32)
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)  # steps even on inf: without scaling, overflow handling is the caller's
+    scaler.update()
+    assert np.isinf(param.data[0]) and param.data[1] == 1.0
+    assert scaler.state_dict() == {}
+
+
+def test_scaler_state_dict_round_trips_and_bad_values_are_named():
+    scaler = GradScaler(init_scale=8.0, growth_interval=5)
+    scaler._growth_tracker = 2
+    other = GradScaler()
+    other.load_state_dict(json.loads(json.dumps(scaler.state_dict())))  # as a checkpoint's JSON gives it back
+    assert other.state_dict() == scaler.state_dict()
+    damaged = {**scaler.state_dict(), "_growth_tracker": 5}
+    with pytest.raises(ValueError, match=r"_growth_tracker must be a whole number in \[0, growth_interval\)"):
+        other.load_state_dict(damaged)
+    with pytest.raises(ValueError, match="saved from a disabled GradScaler"):
+        other.load_state_dict({})
+    assert other.state_dict() == scaler.state_dict()
+    for kwargs, message in [({"init_scale": 0.0}, "init_scale must be a positive finite number"),
+                            ({"growth_factor": 1.0}, "growth_factor must be a finite number above 1"),
+                            ({"backoff_factor": 1.0}, r"backoff_factor must be in \(0, 1\)"),
+                            ({"growth_interval": 0}, "growth_interval must be a whole number >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            GradScaler(**kwargs)
 
 
 # --- schedule ---------------------------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import tinytf.train as train_module
 from tinytf.checkpoint import load_checkpoint
-from tinytf.models import GPT
+from tinytf.models import GPT, GPTConfig
+from tinytf.optim import weight_decay_groups
 from training_runs import TINY, StopAfter, metrics, run_tiny, write_corpus
 
 
@@ -32,9 +34,13 @@ def test_training_writes_metrics_and_a_checkpoint_and_lowers_the_loss(tmp_path, 
     assert checkpoint.meta["iteration"] == 299 and checkpoint.optimizer_state is not None
 
 
-@pytest.mark.parametrize("preset", ["gpt2", "llama"])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, text_file, monkeypatch, preset):
-    common = ["--data", text_file, "--iters", 12, "--eval-interval", 4, "--dropout", "0.1", "--preset", preset]
+@pytest.mark.parametrize("preset, dtype", [("gpt2", "fp32"), ("llama", "fp32"), ("gpt2", "bf16"), ("llama", "bf16"),
+                                           ("gpt2", "fp16")])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, text_file, monkeypatch, preset, dtype):
+    """bf16 and fp16 runs resume bit for bit too: the checkpoint holds the 16-bit weights, the float32 master
+    copies and moments in the optimizer state, and (fp16) the loss scaler's scale and count of good steps."""
+    common = ["--data", text_file, "--iters", 12, "--eval-interval", 4, "--dropout", "0.1", "--preset", preset,
+              "--dtype", dtype]
     assert run_tiny(*common, "--out", tmp_path / "straight") == 0
 
     monkeypatch.setattr(train_module, "StopRequest", StopAfter(6))
@@ -46,10 +52,17 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, text_
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     for a, b in zip(straight, resumed, strict=True):
         assert (a["iter"], a["train_loss"], a["val_loss"]) == (b["iter"], b["train_loss"], b["val_loss"])
-    weights_a = load_checkpoint(tmp_path / "straight").weights
-    weights_b = load_checkpoint(tmp_path / "resumed").weights
-    for name in weights_a:
-        np.testing.assert_array_equal(weights_a[name], weights_b[name], err_msg=name)
+    checkpoint_a, checkpoint_b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for name in checkpoint_a.weights:
+        np.testing.assert_array_equal(checkpoint_a.weights[name], checkpoint_b.weights[name], err_msg=name)
+    for state_a, state_b in zip(checkpoint_a.optimizer_state["state"], checkpoint_b.optimizer_state["state"],
+                                strict=True):
+        for key in state_a:
+            np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
+    assert checkpoint_a.meta["grad_scaler"] == checkpoint_b.meta["grad_scaler"]
+    if dtype == "fp16":  # 12 good steps: a resume that forgot the count of good steps would say 6
+        assert checkpoint_b.meta["grad_scaler"] == {"scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                     "growth_interval": 2000, "_growth_tracker": 12}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch, capsys):
@@ -197,6 +210,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_starts_agai
 
 @pytest.mark.parametrize("flags, message", [
     (["--n-layer", "2"], "--n-layer 2 (the checkpoint has 1)"),
+    (["--dtype", "bf16"], "--dtype bfloat16 (the checkpoint has float32)"),
     (["--iters", "2"], "has done 2 iterations; pass --iters above that"),
     (["--overwrite"], "pass one of them"),
 ])
@@ -249,6 +263,65 @@ def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(tmp_path, text_file, m
     monkeypatch.setattr(train_module, "read_corpus", interrupted)
     assert run_tiny("--data", text_file, "--out", tmp_path / "run", "--iters", 2) == 130
     assert capsys.readouterr().err.strip() == "tinytf.train: interrupted"
+
+
+# --- mixed precision (issue 15) ---------------------------------------------------------------------------------------
+def test_a_bf16_run_saves_bf16_weights_with_float32_masters_and_samples(tmp_path, text_file, capsys):
+    import tinytf.sample as sample_module
+
+    out = tmp_path / "run"
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 6, "--eval-interval", 3, "--dtype", "bfloat16") == 0
+    assert "parameters on cpu in bfloat16" in capsys.readouterr().out
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.meta["train_args"]["dtype"] == "bfloat16" and checkpoint.meta["grad_scaler"] == {}
+    assert {array.dtype for array in checkpoint.weights.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    for state in checkpoint.optimizer_state["state"]:
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq", "master"} and state["step"] == 6
+        assert {state[key].dtype for key in ("exp_avg", "exp_avg_sq", "master")} == {np.dtype(np.float32)}
+    # Each saved weight is its master copy rounded to nearest even (the optimizer's states follow its groups).
+    model = GPT(GPTConfig(**checkpoint.meta["config"]))
+    names = {id(param): name for name, param in model.named_parameters()}
+    ordered = [names[id(param)] for group in weight_decay_groups(model.parameters(), 0.1) for param in group["params"]]
+    for name, state in zip(ordered, checkpoint.optimizer_state["state"], strict=True):
+        np.testing.assert_array_equal(checkpoint.weights[name], state["master"].astype(ml_dtypes.bfloat16))
+    for loss_key in ("train_loss", "val_loss"):
+        assert all(np.isfinite(record[loss_key]) for record in metrics(out))
+    assert sample_module.main(["--ckpt", str(out), "--prompt", "line", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("line")
+
+
+def test_bf16_training_runs_and_resumes_on_every_device(tmp_path, text_file, device):
+    """On "cuda" without a GPU: the CuPy stand-in (TINYTF_CUDA_STANDIN=1, set by conftest.py)."""
+    out = tmp_path / "run"
+    assert run_tiny("--data", text_file, "--out", out, "--iters", 3, "--eval-interval", 3, "--dtype", "bf16",
+                    "--device", device) == 0
+    assert run_tiny("--out", out, "--iters", 5, "--eval-interval", 2, "--device", device, "--resume") == 0
+    assert [r["iter"] for r in metrics(out)] == [3, 4, 5]
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.meta["train_args"]["dtype"] == "bfloat16"
+    assert {array.dtype for array in checkpoint.weights.values()} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_training_lowers_the_loss_like_float32(tmp_path, text_file, dtype):
+    """The same seed and batches: after 150 steps the 16-bit run's val loss is the float32 run's, up to the noise
+    of rounding the weights and activations. Measured with seeds 7, 8, 9: |bf16 - fp32| <= 0.0024 and
+    |fp16 - fp32| <= 0.0002 nats, while both runs fall by 3 nats; 0.02 is ten times the larger noise."""
+    losses = {}
+    for name in ("fp32", dtype):
+        assert run_tiny("--data", text_file, "--out", tmp_path / name, "--iters", 150, "--eval-interval", 150,
+                        "--lr", "3e-3", "--dtype", name) == 0
+        losses[name] = metrics(tmp_path / name)[-1]["val_loss"]
+    assert losses["fp32"] < 2.0
+    assert abs(losses[dtype] - losses["fp32"]) < 0.02, losses
+
+
+def test_a_bad_dtype_is_one_line_and_exit_2(tmp_path, text_file, capsys):
+    assert run_tiny("--data", text_file, "--out", tmp_path / "run", "--iters", 2, "--dtype", "fp8") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["tinytf.train: error: --dtype must be fp32, bf16 or fp16 (or float32, bfloat16, float16), "
+                     "got 'fp8'"], error
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_states_each_default_once(capsys):

@@ -12,7 +12,7 @@ import importlib
 import numpy as np
 
 from . import backend, functional
-from .backend import get_num_threads, is_available, manual_seed, set_num_threads
+from .backend import finfo, get_num_threads, is_available, manual_seed, set_num_threads
 from .creation import (
     arange,
     eye,
@@ -35,6 +35,7 @@ from .functional import cat, chunk, einsum, matmul, maximum, meshgrid, minimum, 
 from .tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 
 float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("float64")
+half = float16  # PyTorch's other name; `bfloat16` (ml_dtypes.bfloat16 as a NumPy dtype) is made on first use
 int32, int64, bool_ = np.dtype("int32"), np.dtype("int64"), np.dtype("bool")
 
 __version__ = "0.1.0"
@@ -46,8 +47,10 @@ _SUBMODULES = ("attention", "checkpoint", "data", "distributed", "interop", "ker
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name == "bfloat16":  # importing ml_dtypes costs about a second: only for those who ask
+        return backend.BFLOAT16
     raise AttributeError(f"module 'tinytf' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_SUBMODULES])
+    return sorted([*globals(), *_SUBMODULES, "bfloat16"])

@@ -17,6 +17,20 @@ import re
 import numpy as np
 
 DEFAULT_DTYPE = np.dtype(np.float32)
+FLOAT16 = np.dtype(np.float16)
+# bfloat16 comes from ml_dtypes, the NumPy extension JAX and CuPy share, as `BFLOAT16` (made on first use: importing
+# ml_dtypes takes about a second, more than the rest of tinytf). Its dtype.kind is "V", not "f", and NumPy's own
+# tests (np.issubdtype(x, np.floating), np.finfo) do not know it: ask is_floating and finfo here instead. A bfloat16
+# array can only exist once ml_dtypes is imported, so the checks below recognize it by name without importing it.
+
+
+def __getattr__(name: str):
+    if name == "BFLOAT16":
+        import ml_dtypes
+
+        globals()["BFLOAT16"] = np.dtype(ml_dtypes.bfloat16)
+        return globals()["BFLOAT16"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _cupy = None
 _cupy_import_error: BaseException | None = None
@@ -88,6 +102,12 @@ def canonical_device(device) -> str:
     return f"cuda:{int(match.group(2) or 0)}"
 
 
+def is_device_name(value) -> bool:
+    """Whether `value` names a device ("cpu", "cuda", "cuda:1"), as opposed to a dtype ("bfloat16"): the two share
+    the first argument of `Tensor.to` and `Module.to`."""
+    return isinstance(value, str) and value.split(":")[0] in ("cpu", "cuda")
+
+
 def _gpu_count(cupy) -> int:
     try:
         return cupy.cuda.runtime.getDeviceCount()
@@ -151,12 +171,52 @@ def to_numpy(array) -> np.ndarray:
     return array.get() if is_cupy_array(array) else np.asarray(array)
 
 
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
 def is_floating(dtype) -> bool:
-    return np.dtype(dtype).kind == "f"
+    """True for float16, bfloat16, float32 and float64."""
+    dtype = dtype if isinstance(dtype, np.dtype) else as_dtype(dtype)
+    return dtype.kind == "f" or _is_bfloat16(dtype)
+
+
+def is_half(dtype: np.dtype) -> bool:
+    """True for the 16-bit floating dtypes, float16 and bfloat16, which ops compute in float32 (compute_dtype)."""
+    return dtype.itemsize == 2 and (dtype.kind == "f" or _is_bfloat16(dtype))
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype an op computes in for inputs of `dtype`: float32 for float16 and bfloat16 (as PyTorch's kernels
+    accumulate), the dtype itself otherwise."""
+    dtype = dtype if isinstance(dtype, np.dtype) else as_dtype(dtype)
+    return DEFAULT_DTYPE if is_half(dtype) else dtype
+
+
+def finfo(dtype):
+    """Machine limits (eps, max, tiny, ...) of a floating dtype, bfloat16 included (np.finfo does not know it)."""
+    dtype = as_dtype(dtype)
+    if not is_floating(dtype):
+        raise TypeError(f"finfo: expected a floating dtype, got {dtype}")
+    if _is_bfloat16(dtype):
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
+
+
+# PyTorch's short names, beside NumPy's; NumPy's own names keep NumPy's meaning ("float" is float64 there).
+_DTYPE_ALIASES = {"fp16": FLOAT16, "half": FLOAT16, "fp32": DEFAULT_DTYPE, "fp64": np.dtype(np.float64)}
 
 
 def as_dtype(dtype) -> np.dtype:
-    """np.dtype of anything NumPy accepts, or a clear TypeError."""
+    """np.dtype of anything NumPy accepts, "bfloat16" and PyTorch's short names ("bf16", "fp16", "half"), or a clear
+    TypeError."""
+    if isinstance(dtype, str):
+        if dtype in ("bfloat16", "bf16"):
+            return __getattr__("BFLOAT16")
+        if dtype in _DTYPE_ALIASES:
+            return _DTYPE_ALIASES[dtype]
     try:
         return np.dtype(dtype)
     except TypeError as error:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -55,6 +56,13 @@ _OWN_NAME = r"(weights|optimizer)-[0-9a-f]{8}\.(safetensors|json)"
 _OWN_FILE = re.compile(rf"^{_OWN_NAME}$")
 _TEMPORARY_FILE = re.compile(rf"^\.({_OWN_NAME}|checkpoint\.json)\.[0-9a-f]{{8}}\.tmp$")
 LOCK_NAME = "run.lock"
+# safetensors' dtype names -> NumPy's; safetensors.numpy's own table lacks BF16, which ml_dtypes gives NumPy.
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "U64": np.dtype(np.uint64),
+    "I32": np.dtype(np.int32), "U32": np.dtype(np.uint32), "I16": np.dtype(np.int16), "U16": np.dtype(np.uint16),
+    "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
 
 
 class CheckpointError(ValueError):
@@ -138,11 +146,16 @@ def _read_bytes(path: Path) -> bytes:
 
 def _arrays_from_bytes(path: Path, payload: bytes) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load(payload)
+        views = safetensors.deserialize(payload)
     except safetensors.SafetensorError as error:
         raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({error})") from None
-    except KeyError as error:  # a dtype missing from safetensors.numpy's table, such as bfloat16
-        raise CheckpointError(f"{path}: holds arrays of dtype {error} that NumPy cannot represent") from None
+    arrays = {}
+    for name, view in views:
+        dtype = SAFETENSORS_DTYPES.get(view["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: holds arrays of dtype {view['dtype']!r} that NumPy cannot represent")
+        arrays[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+    return arrays
 
 
 def _json_bytes(value) -> bytes:

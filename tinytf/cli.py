@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import distributed
+from . import backend, distributed
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .data import CharTokenizer
 from .models import GPT, GPTConfig
@@ -41,16 +41,19 @@ def command_line(prog: str) -> Callable:
     return decorate
 
 
-def load_trained_model(folder: Path, device: str = "cpu",
-                       checkpoint: Checkpoint | None = None) -> tuple[GPT, CharTokenizer, Checkpoint]:
+def load_trained_model(folder: Path, device: str = "cpu", checkpoint: Checkpoint | None = None,
+                       dtype=None) -> tuple[GPT, CharTokenizer, Checkpoint]:
     """(model in eval mode, tokenizer, checkpoint) from a folder written by tinytf.train (or from its checkpoint,
-    already loaded); UserError when the folder is missing or corrupt."""
+    already loaded), in `dtype` (default: the dtype its weights were saved in, such as bfloat16 for a --dtype bf16
+    run); UserError when the folder is missing or corrupt."""
     try:
         checkpoint = checkpoint if checkpoint is not None else load_checkpoint(folder)
         meta = checkpoint.meta
         config = GPTConfig(**meta["config"])
         tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-        model = GPT(config)
+        saved_dtype = next((w.dtype for w in checkpoint.weights.values() if backend.is_floating(w.dtype)), None)
+        # load_state_dict keeps the model's dtype: cast first, so that the saved weights load unrounded
+        model = GPT(config).to(dtype=dtype if dtype is not None else saved_dtype)
         model.load_state_dict(checkpoint.weights)
     except (CheckpointError, KeyError, TypeError, ValueError) as error:
         raise UserError(f"cannot load the checkpoint in {folder}: {error}") from None

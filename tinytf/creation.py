@@ -48,7 +48,7 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -
             array = np.array(data)
             if array.dtype == np.float64:
                 array = array.astype(backend.DEFAULT_DTYPE)
-        if array.dtype == object or array.dtype.kind in "USV":
+        if array.dtype == object or (array.dtype.kind in "USV" and not backend.is_floating(array.dtype)):
             raise TypeError(
                 f"tensor(): cannot make a numeric tensor from {type(data).__name__} data of dtype {array.dtype}"
             )
@@ -69,7 +69,8 @@ def full(shape, fill_value, dtype=None, requires_grad: bool = False, device: str
     if dtype is None:
         dtype = backend.DEFAULT_DTYPE if isinstance(fill_value, float) else np.asarray(fill_value).dtype
     with _allocating_on(device) as xp:
-        return _finish(xp.full(_shape((shape,)), fill_value, dtype=dtype), None, requires_grad, device)
+        return _finish(xp.full(_shape((shape,)), fill_value, dtype=backend.as_dtype(dtype)), None, requires_grad,
+                       device)
 
 
 def arange(start, end=None, step=1, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
@@ -79,8 +80,11 @@ def arange(start, end=None, step=1, dtype=None, requires_grad: bool = False, dev
     if dtype is None:
         is_float = any(isinstance(value, float) for value in (start, end, step))
         dtype = backend.DEFAULT_DTYPE if is_float else np.int64
+    dtype = backend.as_dtype(dtype)
     with _allocating_on(device) as xp:
-        return _finish(xp.arange(start, end, step, dtype=dtype), None, requires_grad, device)
+        # Half precision counts in float32 and rounds each value once, as PyTorch does.
+        values = xp.arange(start, end, step, dtype=backend.compute_dtype(dtype))
+        return _finish(values, dtype, requires_grad, device)
 
 
 def eye(n: int, m: int | None = None, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
@@ -122,17 +126,21 @@ def triu_indices(row: int, col: int, offset: int = 0, dtype=None, device: str = 
 
 
 def randn(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    """Standard normal draws from the device's seeded generator."""
+    """Standard normal draws from the device's seeded generator (half precision: float32 draws, rounded)."""
     dtype = backend.as_dtype(dtype or backend.DEFAULT_DTYPE)
     with _allocating_on(device):
-        return _finish(backend.generator(device).standard_normal(_shape(shape), dtype=dtype), None, requires_grad, device)
+        draws = backend.generator(device).standard_normal(_shape(shape), dtype=backend.compute_dtype(dtype))
+        return _finish(draws, dtype, requires_grad, device)
 
 
 def rand(*shape, dtype=None, requires_grad: bool = False, device: str = "cpu") -> Tensor:
-    """Uniform draws in [0, 1) from the device's seeded generator."""
+    """Uniform draws in [0, 1) from the device's seeded generator (half precision: float32 draws, rounded)."""
     dtype = backend.as_dtype(dtype or backend.DEFAULT_DTYPE)
-    with _allocating_on(device):
-        return _finish(backend.generator(device).random(_shape(shape), dtype=dtype), None, requires_grad, device)
+    with _allocating_on(device) as xp:
+        draws = backend.generator(device).random(_shape(shape), dtype=backend.compute_dtype(dtype))
+        if backend.is_half(dtype):  # a draw just below 1 rounds up to 1: keep the interval half-open
+            draws = xp.minimum(draws.astype(dtype), dtype.type(1 - backend.finfo(dtype).epsneg))
+        return _finish(draws, dtype, requires_grad, device)
 
 
 def _like(maker):

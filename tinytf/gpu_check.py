@@ -11,7 +11,9 @@ cut short still leaves what it found:
                  (6 layers, 6 heads, width 384, block 256, batch 64), 200 iterations: losses, whether they fell,
                  tokens/s
     attention    forward and forward+backward at T = S = 512 ... 16384, D = 64 and 128, causal and not, B = 1, H = 16,
-                 float32: tinytf's CUDA kernel, the naive path on CuPy (cuBLAS matmuls + softmax), torch's SDPA
+                 bfloat16 (tinytf's tensor-core kernels against torch's SDPA with its FlashAttention backend) and
+                 float32 (tinytf's CUDA-core kernels against torch's default SDPA), and the naive path on CuPy
+                 (cuBLAS matmuls + softmax) in both
 
 Time: the sections share --time-limit (420 s). Each has a cap (tests 240 s, each training run 90 s, the benchmark
 150 s, 60 s with --quick) and never takes the minimum promised to the sections after it (45 s per training run, 30 s
@@ -78,8 +80,9 @@ ATTENTION_BATCH, ATTENTION_HEADS = 1, 16  # at T = 16384: 128 MiB per (B, H, T, 
 ATTENTION_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_MAX_LENGTH = 4096
 ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_DTYPES = ("bfloat16", "float32")  # bfloat16 first: the tensor-core kernels are the ones to measure
 TINYTF_KERNEL, CUPY_NAIVE, TORCH_SDPA = "tinytf cuda", "cupy naive", "torch sdpa"
-# Score-sized float32 arrays the naive path holds at its peak, with a margin: forward keeps the scores and their
+# Score-sized float32 arrays the naive path holds at its peak (its softmax runs in float32 for every input dtype), with a margin: forward keeps the scores and their
 # softmax (plus the causal bias, T x S); backward adds the gradients of the weights and of the scores.
 NAIVE_SCORE_COPIES = {"forward": 3, "forward+backward": 5}
 NAIVE_MEMORY_SHARE = 0.5  # run the naive path only where its estimate fits in this share of the free GPU memory
@@ -494,6 +497,7 @@ class AttentionCase:
     head_dim: int
     is_causal: bool
     backward: bool  # forward+backward, or the forward alone
+    dtype: str = "float32"
     batch: int = ATTENTION_BATCH
     heads: int = ATTENTION_HEADS
 
@@ -513,17 +517,17 @@ class AttentionCase:
     @property
     def configuration(self) -> tuple:
         """The case without its length: cases of one configuration scale with T^2."""
-        return self.implementation, self.head_dim, self.is_causal, self.backward
+        return self.implementation, self.dtype, self.head_dim, self.is_causal, self.backward
 
     def as_dict(self) -> dict:
-        return {"implementation": self.implementation, "T": self.seq_len, "S": self.seq_len, "D": self.head_dim,
-                "causal": self.is_causal, "pass": self.pass_name, "B": self.batch, "H": self.heads}
+        return {"implementation": self.implementation, "dtype": self.dtype, "T": self.seq_len, "S": self.seq_len,
+                "D": self.head_dim, "causal": self.is_causal, "pass": self.pass_name, "B": self.batch, "H": self.heads}
 
 
-def attention_cases(lengths, head_dims, implementations) -> list[AttentionCase]:
+def attention_cases(lengths, head_dims, implementations, dtypes=("float32",)) -> list[AttentionCase]:
     """Shortest lengths first, so a spent budget leaves out the longest lengths of every configuration."""
-    return [AttentionCase(implementation, seq_len, head_dim, is_causal, backward)
-            for seq_len in lengths for head_dim in head_dims for is_causal in (False, True)
+    return [AttentionCase(implementation, seq_len, head_dim, is_causal, backward, dtype)
+            for seq_len in lengths for dtype in dtypes for head_dim in head_dims for is_causal in (False, True)
             for backward in (False, True) for implementation in implementations]
 
 
@@ -655,8 +659,9 @@ class GpuAttentionTimer:
 
     def tinytf_call(self, case: AttentionCase) -> Callable[[], None]:
         path = "cuda" if case.implementation == TINYTF_KERNEL else "naive"
-        q, k, v = (randn(*case.shape, device="cuda", requires_grad=case.backward) for _ in range(3))
-        grad_out = randn(*case.shape, device="cuda")
+        q, k, v = (randn(*case.shape, dtype=case.dtype, device="cuda", requires_grad=case.backward)
+                   for _ in range(3))
+        grad_out = randn(*case.shape, dtype=case.dtype, device="cuda")
         if not case.backward:
             def forward():
                 with no_grad():
@@ -671,21 +676,36 @@ class GpuAttentionTimer:
 
     def torch_call(self, case: AttentionCase) -> Callable[[], None]:
         torch = self.torch
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        q, k, v = (torch.randn(case.shape, device="cuda", dtype=torch.float32, requires_grad=case.backward)
+        dtype = getattr(torch, case.dtype)
+        q, k, v = (torch.randn(case.shape, device="cuda", dtype=dtype, requires_grad=case.backward)
                    for _ in range(3))
-        grad_out = torch.randn(case.shape, device="cuda", dtype=torch.float32)
+        grad_out = torch.randn(case.shape, device="cuda", dtype=dtype)
+        backends = torch_sdpa_backends(case.dtype)
+
+        def sdpa():
+            with importlib.import_module("torch.nn.attention").sdpa_kernel(backends):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.is_causal)
+
         if not case.backward:
             def forward():
                 with torch.no_grad():
-                    sdpa(q, k, v, is_causal=case.is_causal)
+                    sdpa()
             return forward
 
         def forward_backward():
             for tensor in (q, k, v):
                 tensor.grad = None
-            sdpa(q, k, v, is_causal=case.is_causal).backward(grad_out)
+            sdpa().backward(grad_out)
         return forward_backward
+
+
+def torch_sdpa_backends(dtype: str) -> list:
+    """The SDPA backends torch may choose from for `dtype`. Half precision: only FlashAttention-2, the kernel tinytf's
+    tensor-core kernels follow; float32, which that kernel does not take: all of them, torch's own choice."""
+    backend_names = ("FLASH_ATTENTION",) if dtype in ("bfloat16", "float16") else \
+        ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+    sdp_backend = importlib.import_module("torch.nn.attention").SDPBackend
+    return [getattr(sdp_backend, name) for name in backend_names]
 
 
 def torch_on_gpu(torch, torch_missing: str | None):
@@ -702,7 +722,7 @@ def run_attention(cupy, torch, torch_missing: str | None, quick: bool, reps: int
     torch, torch_missing = torch_on_gpu(torch, torch_missing)
     implementations = [TINYTF_KERNEL, CUPY_NAIVE] + ([TORCH_SDPA] if torch is not None else [])
     lengths = [T for T in ATTENTION_LENGTHS if not quick or T <= QUICK_MAX_LENGTH]
-    section = {"B": ATTENTION_BATCH, "H": ATTENTION_HEADS, "dtype": "float32", "lengths": lengths,
+    section = {"B": ATTENTION_BATCH, "H": ATTENTION_HEADS, "dtypes": list(ATTENTION_DTYPES), "lengths": lengths,
                "head_dims": list(ATTENTION_HEAD_DIMS), "implementations": implementations, "reps": reps,
                "budget_s": budget_s, "timing_method": TIMING_METHOD, "memory_method": MEMORY_METHOD,
                "naive_skip_rule": f"estimate {NAIVE_SCORE_COPIES} float32 score matrices; run where that fits in "
@@ -714,7 +734,7 @@ def run_attention(cupy, torch, torch_missing: str | None, quick: bool, reps: int
         section["results"] = results
         on_progress(section)
 
-    cases = attention_cases(lengths, ATTENTION_HEAD_DIMS, implementations)
+    cases = attention_cases(lengths, ATTENTION_HEAD_DIMS, implementations, ATTENTION_DTYPES)
     run_attention_cases(cases, timer.measure, timer.skip_reason, budget_s, calls_per_case=reps + 2,
                         on_result=saved)
     timer.release_memory()
@@ -819,19 +839,21 @@ def attention_cell(record: dict | None) -> str:
 
 def render_attention(attention: dict) -> str:
     implementations = attention["implementations"]
-    by_case = {(r["pass"], r["causal"], r["D"], r["T"], r["implementation"]): r for r in attention["results"]}
+    by_case = {(r["dtype"], r["pass"], r["causal"], r["D"], r["T"], r["implementation"]): r
+               for r in attention["results"]}
     rows = []
-    for pass_name, causal, head_dim, seq_len in dict.fromkeys(key[:4] for key in by_case):
-        records = {name: by_case.get((pass_name, causal, head_dim, seq_len, name)) for name in implementations}
+    for dtype, pass_name, causal, head_dim, seq_len in dict.fromkeys(key[:5] for key in by_case):
+        records = {name: by_case.get((dtype, pass_name, causal, head_dim, seq_len, name)) for name in implementations}
         kernel, torch = records.get(TINYTF_KERNEL), records.get(TORCH_SDPA)
         ratio = (f"{kernel['median_s'] / torch['median_s']:.2f}" if kernel and torch and kernel["status"] == "ok"
                  and torch["status"] == "ok" else "-")
-        rows.append([pass_name, "yes" if causal else "no", head_dim, seq_len,
+        rows.append([dtype, pass_name, "yes" if causal else "no", head_dim, seq_len,
                      *(attention_cell(records[name]) for name in implementations), ratio])
-    rows.sort(key=lambda row: (row[0] != "forward", row[1], row[2], row[3]))
-    header = ["pass", "causal", "D", "T = S", *implementations, f"{TINYTF_KERNEL} / {TORCH_SDPA} time"]
+    rows.sort(key=lambda row: (row[0], row[1] != "forward", row[2], row[3], row[4]))
+    header = ["dtype", "pass", "causal", "D", "T = S", *implementations, f"{TINYTF_KERNEL} / {TORCH_SDPA} time"]
     torch_note = "" if TORCH_SDPA in implementations else f" torch is left out: {attention['torch']}."
-    return (f"B = {attention['B']}, H = {attention['H']}, {attention['dtype']}; each cell: median time, TFLOP/s "
+    return (f"B = {attention['B']}, H = {attention['H']}, {', '.join(attention['dtypes'])} (torch's SDPA limited to "
+            f"its FlashAttention backend in half precision); each cell: median time, TFLOP/s "
             f"(4 B H T S D forward, x2.5 with backward, halved when causal), peak extra memory.{torch_note}\n\n"
             f"Timing: {attention['timing_method']}. Memory: {attention['memory_method']}. Naive path: "
             f"{attention['naive_skip_rule']}.\n\n" + markdown_table(header, rows))

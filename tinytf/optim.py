@@ -1,8 +1,14 @@
-"""Optimizers (SGD, AdamW), gradient clipping and nanoGPT's warmup + cosine learning-rate schedule.
+"""Optimizers (SGD, AdamW), gradient clipping, dynamic loss scaling and nanoGPT's warmup + cosine schedule.
 
 The updates are PyTorch's, formula for formula, and run in place on each parameter's array (NumPy or CuPy) with
 `out=` ufuncs. State arrays are allocated once, on a parameter's first step; the intermediate results of a step go to
 one scratch buffer shared by all parameters, so a step allocates next to nothing.
+
+Mixed precision: a bfloat16 or float16 parameter is updated through a float32 master copy kept in its state
+("master"), with float32 optimizer state; the parameter then takes the master's value rounded to nearest even. An
+update below half a unit in the last place of the weight (2^-9 to 2^-8 of its value in bfloat16) would round away
+if applied to the 16-bit weight itself; on the master copy it accumulates. `GradScaler` keeps float16's small
+gradients from flushing to zero.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
-from .backend import device_of, device_scope, get_array_module, to_device, to_numpy
+from .backend import device_of, device_scope, get_array_module, is_half, to_device, to_numpy
 from .tensor import Tensor
 
 
@@ -23,6 +29,8 @@ class Optimizer:
     """
 
     state_keys: frozenset[str] = frozenset()  # what a parameter's state holds once it has taken a step
+    # ... plus, for a bfloat16 or float16 parameter, its float32 master copy
+    master_key = "master"
 
     def __init__(self, params, defaults: dict):
         if isinstance(params, Tensor):
@@ -82,7 +90,21 @@ class Optimizer:
             for param in group["params"]:
                 if param.grad is not None:
                     with device_scope(param.device):  # the state and scratch arrays go where the parameter is
-                        self._update(param.data, param.grad, self.state.setdefault(id(param), {}), group)
+                        state = self.state.setdefault(id(param), {})
+                        if is_half(param.data.dtype):
+                            self._update_through_master(param, state, group)
+                        else:
+                            self._update(param.data, param.grad, state, group)
+
+    def _update_through_master(self, param: Tensor, state: dict, group: dict) -> None:
+        """One step of a bfloat16/float16 parameter, taken on its float32 master copy (made on the first step from
+        the parameter's value); the parameter then takes the master's value rounded to nearest even, in place."""
+        xp = get_array_module(param.data)
+        master = state.get(self.master_key)
+        if master is None:
+            master = state[self.master_key] = param.data.astype(xp.float32)
+        self._update(master, _at_least_float32(xp, param.grad), state, group)
+        param.data[...] = master  # the cast rounds to nearest even, as astype does
 
     def _scratch_like(self, array):
         """A scratch array of `array`'s shape, dtype and device: a view into one buffer per (device, dtype)."""
@@ -150,9 +172,12 @@ class Optimizer:
         self.state = new_state
 
     def _restored_state(self, index: int, param: Tensor, saved: Mapping) -> dict:
-        if saved and set(saved) != self.state_keys:
+        low_precision = is_half(param.dtype)
+        expected = self.state_keys | {self.master_key} if low_precision else self.state_keys
+        if saved and set(saved) != expected:
             raise ValueError(f"the saved state of parameter {index} has entries {sorted(saved)}, expected "
-                             f"{sorted(self.state_keys)} for {type(self).__name__}")
+                             f"{sorted(expected)} for {type(self).__name__} and a {param.dtype} parameter")
+        state_dtype = "float32" if low_precision else param.dtype
         state = {}
         for key, value in saved.items():
             if hasattr(value, "shape"):
@@ -160,7 +185,7 @@ class Optimizer:
                     raise ValueError(f"the saved {key!r} of parameter {index} has shape {tuple(value.shape)}, "
                                      f"the parameter has shape {param.shape}")
                 # A copy on the parameter's device: the optimizer must own its state, not share the caller's arrays.
-                value = to_device(to_numpy(value).astype(param.dtype, copy=True), param.device)
+                value = to_device(to_numpy(value).astype(state_dtype, copy=True), param.device)
             else:
                 value = int(value)
             state[key] = value
@@ -231,7 +256,7 @@ class AdamW(Optimizer):
         xp = get_array_module(param)
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        if not state:
+        if "step" not in state:  # the state may hold a master copy already
             state.update(step=0, exp_avg=xp.zeros_like(param), exp_avg_sq=xp.zeros_like(param))
         state["step"] += 1
         exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
@@ -255,6 +280,145 @@ class AdamW(Optimizer):
         xp.divide(exp_avg, scratch, out=scratch)
         scratch *= lr / (1.0 - beta1**step)
         param -= scratch
+
+
+class GradScaler:
+    """Dynamic loss scaling for float16 training, with torch.amp.GradScaler's interface and defaults.
+
+    float16 flushes magnitudes below 6e-8 to zero (and loses precision below 6e-5), where many gradients of a
+    language model lie. Scaling the loss by S scales every gradient by S, lifting them into range; the gradients are
+    divided by S again (in float32) before the step. Too large an S overflows instead: then some gradient is inf or
+    NaN, the step is skipped and S halved. After `growth_interval` good steps in a row S doubles, so it settles just
+    below the overflow point. One step:
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)        # optional: before clipping, so the clip sees the true gradients
+        clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)            # unscales if not done yet; skipped when any gradient is inf or NaN
+        scaler.update()                   # adjusts the scale for the next step
+
+    Unscaling replaces each bfloat16/float16 gradient by a float32 one (dividing back into float16 would flush the
+    small gradients the scale protected); float32 gradients are divided in place. With enabled=False every method
+    passes straight through (`step` just steps), so one training loop serves every dtype.
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, enabled: bool = True):
+        if not (isinstance(init_scale, numbers.Real) and 0 < init_scale < math.inf):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        if not (isinstance(growth_factor, numbers.Real) and 1 < growth_factor < math.inf):
+            raise ValueError(f"growth_factor must be a finite number above 1, got {growth_factor!r}")
+        if not (isinstance(backoff_factor, numbers.Real) and 0 < backoff_factor < 1):
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if not (isinstance(growth_interval, numbers.Integral) and growth_interval >= 1):
+            raise ValueError(f"growth_interval must be a whole number >= 1, got {growth_interval!r}")
+        self._enabled = bool(enabled)
+        self._scale = float(init_scale)
+        self._growth_factor, self._backoff_factor = float(growth_factor), float(backoff_factor)
+        self._growth_interval = int(growth_interval)
+        self._growth_tracker = 0  # good steps in a row since the scale last changed
+        # id(optimizer) -> {"unscaled": bool, "stepped": bool, "found_inf": bool}, cleared by update()
+        self._per_optimizer: dict[int, dict] = {}
+
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def get_scale(self) -> float:
+        """The current scale (1.0 when disabled)."""
+        return self._scale if self._enabled else 1.0
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """The loss times the current scale, to call backward() on (the loss itself when disabled)."""
+        return loss * self._scale if self._enabled else loss
+
+    def _record(self, optimizer: Optimizer) -> dict:
+        return self._per_optimizer.setdefault(id(optimizer), {"unscaled": False, "stepped": False, "found_inf": False})
+
+    def unscale_(self, optimizer: Optimizer) -> None:
+        """Divide the gradients of `optimizer`'s parameters by the scale, in float32, and record whether any is inf
+        or NaN. At most once per optimizer between two update()s, and before step()."""
+        if not self._enabled:
+            return
+        record = self._record(optimizer)
+        if record["unscaled"]:  # also after step(), which unscales
+            raise RuntimeError("unscale_() has already been called on this optimizer since the last update()")
+        params = [param for param in optimizer._parameters() if param.grad is not None]
+        finite_flags = []
+        for param in params:
+            with device_scope(param.device):
+                xp = get_array_module(param.grad)
+                grad = _at_least_float32(xp, param.grad)  # a new float32 array, or the float32 gradient itself
+                grad /= self._scale
+                param.grad = grad
+                finite_flags.append(xp.isfinite(grad).all())
+        if finite_flags:  # one host sync for the whole model (on one device, as in clip_grad_norm_)
+            xp = get_array_module(params[0].grad)
+            with device_scope(params[0].device):
+                record["found_inf"] = not bool(xp.stack(finite_flags).all())
+        record["unscaled"] = True
+
+    def step(self, optimizer: Optimizer) -> None:
+        """optimizer.step() unless a gradient is inf or NaN (then parameters and optimizer state stay untouched);
+        unscales first if unscale_() was not called. Once per optimizer between two update()s."""
+        if not self._enabled:
+            optimizer.step()
+            return
+        record = self._record(optimizer)
+        if record["stepped"]:
+            raise RuntimeError("step() has already been called on this optimizer since the last update()")
+        if not record["unscaled"]:
+            self.unscale_(optimizer)
+        if not record["found_inf"]:
+            optimizer.step()
+        record["stepped"] = True
+
+    def update(self, new_scale: float | None = None) -> None:
+        """Set the scale for the next step: `new_scale` if given; else halve it (backoff_factor) if this step found
+        an inf or NaN, or double it (growth_factor) after growth_interval good steps in a row."""
+        if not self._enabled:
+            return
+        if new_scale is not None:
+            if not (isinstance(new_scale, numbers.Real) and 0 < new_scale < math.inf):
+                raise ValueError(f"new_scale must be a positive finite number, got {new_scale!r}")
+            self._scale = float(new_scale)
+        else:
+            records = [record for record in self._per_optimizer.values() if record["unscaled"]]
+            if not records:
+                raise RuntimeError("update() found no inf/NaN check since the last update(): call step(optimizer) "
+                                   "(or unscale_) first")
+            if any(record["found_inf"] for record in records):
+                self._scale *= self._backoff_factor
+                self._growth_tracker = 0
+            else:
+                self._growth_tracker += 1
+                if self._growth_tracker == self._growth_interval:
+                    grown = self._scale * self._growth_factor
+                    self._scale = grown if math.isfinite(grown) else self._scale
+                    self._growth_tracker = 0
+        self._per_optimizer.clear()
+
+    def state_dict(self) -> dict:
+        """PyTorch's entries: scale, growth_factor, backoff_factor, growth_interval, _growth_tracker ({} when
+        disabled)."""
+        if not self._enabled:
+            return {}
+        return {"scale": self._scale, "growth_factor": self._growth_factor, "backoff_factor": self._backoff_factor,
+                "growth_interval": self._growth_interval, "_growth_tracker": self._growth_tracker}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore a `state_dict()`; nothing changes unless all of it is valid. A disabled scaler ignores it."""
+        if not self._enabled:
+            return
+        if not state_dict:
+            raise ValueError("the GradScaler state is empty: it was saved from a disabled GradScaler")
+        restored = GradScaler(state_dict["scale"], state_dict["growth_factor"], state_dict["backoff_factor"],
+                              state_dict["growth_interval"])
+        tracker = state_dict["_growth_tracker"]
+        if not (isinstance(tracker, numbers.Integral) and 0 <= tracker < restored._growth_interval):
+            raise ValueError(f"_growth_tracker must be a whole number in [0, growth_interval), got {tracker!r}")
+        self._scale, self._growth_factor = restored._scale, restored._growth_factor
+        self._backoff_factor, self._growth_interval = restored._backoff_factor, restored._growth_interval
+        self._growth_tracker = int(tracker)
 
 
 def _require_non_negative(options: dict, *names: str) -> None:

@@ -64,6 +64,13 @@ class Function:
     saved_tensors: tuple = ()
     needs_input_grad: tuple[bool, ...] = ()
     _released = False
+    # The subclass to run instead when an input is float16 or bfloat16 (set by functional.common.computes_in_float32
+    # on ops that accumulate): it computes in float32 and rounds once.
+    half_precision_variant: type | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.half_precision_variant = None  # a subclass of a decorated op is not its variant, unless decorated too
 
     def save_for_backward(self, *arrays) -> None:
         self.saved_tensors = arrays
@@ -78,6 +85,8 @@ class Function:
     def apply(cls, *inputs: Tensor, **params) -> Tensor:
         """Run forward on the inputs' arrays; record the graph when gradients are needed."""
         device = _common_device(cls.__name__, inputs)
+        if cls.half_precision_variant is not None and _has_half_precision(inputs):
+            cls = cls.half_precision_variant
         function = cls()
         if device is None:
             output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
@@ -96,6 +105,14 @@ class Function:
         self.inputs = ()
         self.saved_tensors = ()
         self._released = True
+
+
+def _has_half_precision(tensors) -> bool:
+    for tensor in tensors:
+        dtype = tensor.data.dtype
+        if dtype.itemsize == 2 and backend.is_half(dtype):
+            return True
+    return False
 
 
 def _common_device(op_name: str, tensors) -> str | None:

@@ -4,6 +4,11 @@ With no --data it trains on the text of Python's own documentation (the stdlib m
 offline on any machine. The output folder receives the prepared data, checkpoints (safetensors weights, JSON
 state, written atomically), metrics.jsonl (one line per evaluation) and loss.png (when matplotlib is installed).
 
+Mixed precision: --dtype bf16 or fp16 casts the model's weights and activations to bfloat16 or float16; AdamW steps
+float32 master copies of the weights (kept in its state, so checkpoints hold them), and fp16 scales the loss
+dynamically (tinytf.optim.GradScaler) so that small gradients do not flush to zero. Losses are computed and logged
+in float32.
+
 Data-parallel training over several processes (see tinytf.distributed): `mpiexec -n 2 python -m mpi4py -m tinytf.train
 ...`. --batch-size stays per rank. All ranks draw the same global batch of world_size * batch_size windows from one
 sampler and each keeps its own rows, so the sampler state is one for the whole job: a checkpoint resumes under any
@@ -36,7 +41,7 @@ from .checkpoint import (Checkpoint, CheckpointError, FolderInUse, FolderLock, h
 from .cli import UserError, command_line, load_trained_model
 from .data import BatchSampler, CharTokenizer, TokenDataset, default_corpus, prepare_dataset, read_text
 from .models import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm_, lr_at, weight_decay_groups
+from .optim import AdamW, GradScaler, clip_grad_norm_, lr_at, weight_decay_groups
 from .tensor import no_grad
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "mlp_hidden")
@@ -44,6 +49,10 @@ MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropou
 TRAINING_OPTIONS = ("batch_size", "iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2",
                     "grad_clip", "eval_interval", "eval_iters", "seed")
 TRAIN_FRACTION = 0.9  # of the text's characters go to the train split, the rest to val
+# --dtype's accepted spellings -> the dtype's name, which the checkpoint records
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+SAVED_DTYPE_DEFAULT = "float32"  # of checkpoints older than --dtype
 _NOT_GIVEN = object()
 
 
@@ -96,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-iters", type=int, default=20, help="batches per loss estimate")
     evaluation.add_argument("--device", default="cpu",
                             help="cpu, cuda or cuda:N (data-parallel: cuda gives each rank its own GPU)")
+    evaluation.add_argument("--dtype", default="fp32",
+                            help="weights and activations: fp32, bf16 or fp16 (bf16/fp16 keep float32 master weights "
+                                 "in AdamW; fp16 also scales the loss)")
     evaluation.add_argument("--seed", type=int, default=1337, help="seed for weights, batches and dropout")
     return parser
 
@@ -115,6 +127,13 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, frozens
 def warmup_iters(args: argparse.Namespace) -> int:
     """--warmup-iters, or by default 100 steps (iters // 20 for runs shorter than 2,000 steps)."""
     return min(100, args.iters // 20) if args.warmup_iters is None else args.warmup_iters
+
+
+def dtype_name(name: str) -> str:
+    """The dtype name ("float32", "bfloat16", "float16") that a --dtype value spells, or a UserError."""
+    if name not in DTYPE_NAMES:
+        raise UserError(f"--dtype must be fp32, bf16 or fp16 (or float32, bfloat16, float16), got {name!r}")
+    return DTYPE_NAMES[name]
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -254,6 +273,7 @@ class Run:
     device: str
     model: GPT
     optimizer: AdamW
+    scaler: GradScaler  # enabled for float16 only
     averager: distributed.GradientAverager
     samplers: dict[str, BatchSampler]  # "train" for the steps, "eval" for estimate_loss
     tokenizer: CharTokenizer
@@ -293,13 +313,14 @@ def take_saved_options(args: argparse.Namespace, given: frozenset[str], checkpoi
     config = checkpoint.meta.get("config")
     if not isinstance(saved, dict) or not isinstance(config, dict):
         raise UserError(f"cannot resume from {args.out}: its checkpoint has no training arguments or config")
-    saved_model = {**config, "preset": saved.get("preset")}
+    saved_model = {**config, "preset": saved.get("preset"), "dtype": saved.get("dtype", SAVED_DTYPE_DEFAULT)}
+    model_options = ("preset", "dtype", *MODEL_FLAGS)
     conflicts = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved_model.get(name)})"
-                 for name in ("preset", *MODEL_FLAGS) if name in given and getattr(args, name) != saved_model.get(name)]
+                 for name in model_options if name in given and getattr(args, name) != saved_model.get(name)]
     if conflicts:
         raise UserError(f"--resume continues the model saved in {args.out}, which these flags contradict: "
                         f"{', '.join(conflicts)}; drop them, or start a new run in another --out")
-    for name in ("preset", *MODEL_FLAGS):
+    for name in model_options:
         setattr(args, name, saved_model.get(name, getattr(args, name)))
     for name in TRAINING_OPTIONS:
         if name not in given and name in saved:
@@ -335,15 +356,16 @@ def set_up_run(args: argparse.Namespace, checkpoint: Checkpoint | None) -> Run:
         raise UserError(f"cannot {'prepare' if text is not None else 'open'} the data in {args.out / 'data'}: "
                         f"{error}") from None
     backend.manual_seed(args.seed)
+    dtype = backend.as_dtype(args.dtype)
     if checkpoint is not None:
-        model, tokenizer, _ = load_trained_model(args.out, device, checkpoint)
+        model, tokenizer, _ = load_trained_model(args.out, device, checkpoint, dtype)
         if tokenizer.to_dict() != dataset.tokenizer.to_dict():
             raise UserError(f"the prepared data in {args.out / 'data'} (a vocabulary of {dataset.tokenizer.vocab_size}) "
                             f"is not the data the checkpoint was trained on (a vocabulary of {tokenizer.vocab_size}); "
                             "start a new run with --overwrite or another --out")
         model.train()
     else:
-        model = GPT(config).to(device)
+        model = GPT(config).to(device, dtype)  # initialised in float32, then rounded to nearest even
         seed_rank_dropout(args.seed)
     distributed.broadcast_parameters(model.parameters())  # equal by the shared seed already; now certainly
     world = distributed.world_size()
@@ -356,6 +378,8 @@ def set_up_run(args: argparse.Namespace, checkpoint: Checkpoint | None) -> Run:
         model=model,
         optimizer=AdamW(weight_decay_groups(model.parameters(), args.weight_decay), lr=args.lr,
                         betas=(args.beta1, args.beta2)),
+        # bfloat16 has float32's exponent range, so only float16's gradients need scaling into range
+        scaler=GradScaler(enabled=dtype == backend.FLOAT16),
         averager=distributed.GradientAverager(model.parameters()),
         samplers={"train": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed),
                   "eval": BatchSampler(dataset.splits, global_batch_size, block_size, seed=args.seed + 1)},
@@ -367,7 +391,7 @@ def set_up_run(args: argparse.Namespace, checkpoint: Checkpoint | None) -> Run:
     config = model.config
     announce(f"model: {args.preset if checkpoint is None else 'resumed'} {config.n_layer} layers, {config.n_head} heads "
              f"({config.n_kv_head} kv), width {config.n_embd}, block {config.block_size}: "
-             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}")
+             f"{model.num_parameters() / 1e6:.2f}M parameters on {device} in {dtype}")
     if world > 1:
         announce(f"data parallel: {world} ranks x {args.batch_size} sequences = {global_batch_size} sequences "
                  f"({run.tokens_per_step:,} tokens) per step")
@@ -383,6 +407,7 @@ def restore_run(run: Run, checkpoint: Checkpoint) -> None:
         if not isinstance(iteration, int) or iteration < 0:
             raise ValueError(f"iteration {iteration!r} is not a count")
         run.optimizer.load_state_dict(checkpoint.optimizer_state)
+        run.scaler.load_state_dict(checkpoint.meta.get("grad_scaler", {}))
         restore_dropout_rng(checkpoint.meta["rng"], run.args.seed)
         for name, sampler in run.samplers.items():
             sampler.load_state_dict(checkpoint.meta["rng"][f"sampler_{name}"])
@@ -430,6 +455,7 @@ def save_run(run: Run, iteration: int) -> None:
         "iteration": iteration,
         "best_val_loss": run.best_val,
         "data_sha256": run.data_sha256,
+        "grad_scaler": run.scaler.state_dict(),  # {} unless float16
         "train_args": {key: str(value) if isinstance(value, Path) else value for key, value in train_args.items()},
         "rng": {"tinytf": dropout_states[0], "tinytf_other_ranks": dropout_states[1:],
                 **{f"sampler_{name}": sampler.state_dict() for name, sampler in run.samplers.items()}},
@@ -483,11 +509,13 @@ def train_step(run: Run, lr: float) -> float:
         group["lr"] = lr
     _, loss = run.model(*rank_batch(run.samplers["train"], "train", run.device))
     run.optimizer.zero_grad()
-    loss.backward()
+    run.scaler.scale(loss).backward()  # float16: the loss times the scale; otherwise the loss itself
     run.averager.average()  # data parallel: every rank now holds the gradient of the whole global batch
     if run.args.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)  # the clip must see the true gradients
         clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
-    run.optimizer.step()
+    run.scaler.step(run.optimizer)  # float16: skipped (and the scale halved) when a gradient overflowed
+    run.scaler.update()
     return loss.item()
 
 
@@ -577,6 +605,7 @@ def train(args: argparse.Namespace, given: frozenset[str] | None = None) -> int:
     if given is None:
         defaults = vars(build_parser().parse_args([]))
         given = frozenset(name for name, value in vars(args).items() if defaults.get(name) != value)
+    args.dtype = dtype_name(args.dtype)
     with own_out_folder(args.out):
         check_out_folder(args)
         checkpoint = None

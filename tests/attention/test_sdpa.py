@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import tinytf
 from attention.attention_reference import assert_as_accurate_as_naive, reference_attention
 from tinytf.attention import AUTO_FLASH_MIN_SCORES, _choose_backend, scaled_dot_product_attention
+from tinytf.attention import cuda as cuda_backend
 from tinytf.testing import gradcheck
 
 
@@ -294,3 +295,23 @@ def test_every_backend_on_every_device_matches_the_reference(device, backend):
                                                    is_causal=True)[1:]
     for tensor, reference_grad in zip(inputs, reference_grads):
         np.testing.assert_allclose(tinytf.Tensor(tensor.grad).numpy(), reference_grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [17, int(np.sqrt(AUTO_FLASH_MIN_SCORES)) + 1])  # naive, then flash on the CPU
+def test_auto_takes_bfloat16_on_every_device(device, T):
+    """"auto" picks the cuda backend only where attention/cuda.py says its kernels take the inputs (head size 16 has
+    no tensor-core build); otherwise naive or flash, which compute in float32 and round once, so the output is the
+    float32 attention of the same rounded inputs to within one bfloat16 ulp (2^-7 relative at most, plus float32
+    noise)."""
+    q, k, v, dO = random_qkv(1, 2, 1, T, T, 16, dtype=np.float32)
+    rounded = [x.astype(tinytf.bfloat16) for x in (q, k, v)]
+    inputs = [tinytf.tensor(x, requires_grad=True, device=device) for x in rounded]
+    if device != "cpu":
+        assert cuda_backend.unsupported_reason(inputs[0], inputs[1]) is not None
+    assert _choose_backend(inputs[0], inputs[1], None) in ("naive", "flash")
+    out = scaled_dot_product_attention(*inputs, is_causal=True)
+    assert out.dtype == tinytf.bfloat16
+    expected = reference_attention(*(x.astype(np.float64) for x in rounded), is_causal=True)
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=2**-7, atol=2**-7 * 1e-3)
+    out.backward(tinytf.tensor(dO.astype(tinytf.bfloat16), device=device))
+    assert {tensor.grad.dtype for tensor in inputs} == {tinytf.bfloat16}

@@ -130,6 +130,68 @@ def test_half_precision_files_load_as_float32(hf, hf_models, tmp_path, dtype):
     assert _max_difference(model(IDS)[0].data, _hf_logits(widened, IDS)) < TOLERANCE
 
 
+def _bits(array) -> np.ndarray:
+    """The raw 16 bits of a float16 or bfloat16 array (NumPy) or tensor (torch): equal bits, equal values."""
+    import torch
+
+    return array.view(np.int16) if isinstance(array, np.ndarray) else array.view(torch.int16).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_files_load_without_widening_when_asked(hf, hf_models, tmp_path, dtype):
+    torch, transformers = hf
+    hf_model, _ = hf_models["llama_gqa"]
+    half_model = copy.deepcopy(hf_model).to(getattr(torch, dtype))
+    half_model.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=dtype)
+    assert {array.dtype for array in model.state_dict().values()} == {backend.as_dtype(dtype)}
+    # Bit for bit the file's values (q, k and v are fused, in that order, as tinytf stores them).
+    theirs = half_model.state_dict()
+    np.testing.assert_array_equal(_bits(model.wte.weight.data), _bits(theirs["model.embed_tokens.weight"]))
+    np.testing.assert_array_equal(_bits(model.blocks[1].mlp.up.weight.data),
+                                  _bits(theirs["model.layers.1.mlp.up_proj.weight"]))
+    fused = torch.cat([theirs[f"model.layers.0.self_attn.{name}_proj.weight"] for name in "qkv"])
+    np.testing.assert_array_equal(_bits(model.blocks[0].attn.c_attn.weight.data), _bits(fused))
+    assert from_pretrained(tmp_path, dtype="auto").wte.weight.dtype == backend.as_dtype(dtype)  # config.json's dtype
+    # The half-precision forward is as close to the float32 one (same rounded weights) as transformers' own
+    # half-precision forward is: both round activations at every op, so neither is expected to be closer than about
+    # the other (FlashAttention's tests justify tolerances this way); the factor 2 leaves room for different
+    # rounding points, and the 1e-3 floor for rows where transformers happens to round less.
+    reference = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval(),
+                           IDS)
+    with torch.no_grad():
+        theirs_half = half_model(torch.as_tensor(IDS)).logits.float().numpy()
+    ours_half = model(IDS)[0]
+    assert ours_half.dtype == backend.as_dtype(dtype)
+    print(f"{dtype}: max |logit difference| from float32: tinytf {_max_difference(ours_half.numpy(), reference):.2e}, "
+          f"transformers {_max_difference(theirs_half, reference):.2e}")
+    assert _max_difference(ours_half.numpy(), reference) <= 2 * _max_difference(theirs_half, reference) + 1e-3
+
+
+def test_a_bfloat16_model_saves_bf16_tensors_that_transformers_reads(hf, tmp_path):
+    torch, transformers = hf
+    model = _tinytf_model("llama", tie_weights=False).to(tinytf.bfloat16)
+    save_pretrained(model, tmp_path)
+    header = _safetensors_header(tmp_path / "model.safetensors")
+    assert {entry["dtype"] for entry in header.values()} == {"BF16"}
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert hf_model.dtype == torch.bfloat16
+    np.testing.assert_array_equal(_bits(hf_model.state_dict()["model.layers.1.mlp.down_proj.weight"]),
+                                  _bits(model.blocks[1].mlp.c_proj.weight.data))
+    np.testing.assert_array_equal(_bits(hf_model.state_dict()["lm_head.weight"]), _bits(model.lm_head.weight.data))
+    # Read back by tinytf in bfloat16: the same model, bit for bit.
+    loaded = from_pretrained(tmp_path, dtype="auto")
+    for name, array in model.state_dict().items():
+        np.testing.assert_array_equal(_bits(loaded.state_dict()[name]), _bits(array), err_msg=name)
+
+
+def _safetensors_header(path) -> dict:
+    payload = path.read_bytes()
+    header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    header.pop("__metadata__", None)
+    return header
+
+
 @pytest.mark.parametrize("preset, overrides", [("gpt2", {}), ("llama", dict(bias=True, tie_weights=False))])
 def test_saved_model_loads_in_transformers_with_the_same_logits(hf, tmp_path, preset, overrides):
     _, transformers = hf

@@ -18,6 +18,7 @@ from tinytf.kernels import FLASH_ATTENTION_SOURCE, compile_gate, flash_attention
 EMULATED_HEAD_DIMS = (16, 64, 128)
 
 gate_results: list = []  # filled by the gate_results_by_build fixture
+tensor_core_gate_results_made: list = []  # filled by the tensor_core_gate_results fixture
 outcomes_of_broken_kernels: dict = {}  # (variant, schedule) -> "reported" | "wrong output" | "missed"
 
 
@@ -33,7 +34,7 @@ def emulated_flash_kernels():
 
     @functools.cache
     def kernels(head_dim: int, schedule: str) -> FlashAttentionKernels:
-        return FlashAttentionKernels(emulated_module(head_dim, schedule), flash_attention_variant(head_dim))
+        return FlashAttentionKernels((emulated_module(head_dim, schedule),), flash_attention_variant(head_dim))
 
     return kernels
 
@@ -52,15 +53,25 @@ def gate_results_by_build():
 
 
 @pytest.fixture(scope="session")
+def tensor_core_gate_results():
+    """{(source file name, dtype, head dim, arch): GateResult} for every tensor-core build: one NVRTC build each, two
+    at a time, shared by the gate's tests and the tests of each kernel file."""
+    results = compile_gate.check_all_tensor_core()
+    tensor_core_gate_results_made.extend(results)
+    return {(result.source, result.dtype, result.head_dim, result.arch): result for result in results}
+
+
+@pytest.fixture(scope="session")
 def broken_kernel_outcomes() -> dict:
     """Where test_broken_kernels.py notes what the emulator made of each broken kernel, for the summary."""
     return outcomes_of_broken_kernels
 
 
 def pytest_terminal_summary(terminalreporter):
-    if gate_results:
-        terminalreporter.write_sep("-", "CUDA compile gate (NVRTC): resources per kernel and target")
-        terminalreporter.write_line(compile_gate.resource_table(gate_results))
+    for results, kind in ((gate_results, "float32"), (tensor_core_gate_results_made, "tensor-core bf16/fp16")):
+        if results:
+            terminalreporter.write_sep("-", f"CUDA compile gate (NVRTC), {kind} kernels: resources per kernel, target")
+            terminalreporter.write_line(compile_gate.resource_table(results))
     if outcomes_of_broken_kernels:
         terminalreporter.write_sep("-", "deliberately broken kernels under the emulator")
         variants = sorted({variant for variant, _ in outcomes_of_broken_kernels})

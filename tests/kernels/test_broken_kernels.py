@@ -65,7 +65,7 @@ def outcome(path, schedule: str, case) -> tuple[str, str]:
     """("reported", message) | ("wrong output", message) | ("missed", "") for the case under the schedule."""
     variant = flash_attention_variant(HEAD_DIM)
     module = EmulatedModule(path, variant.options, schedule=schedule, poison_outputs=True)
-    kernels = FlashAttentionKernels(module, variant)
+    kernels = FlashAttentionKernels((module,), variant)
     try:
         out, logsumexp = kernels.forward(case.q, case.k, case.v, case.key_keep, case.scale, case.is_causal)
     except EmulatorError as error:

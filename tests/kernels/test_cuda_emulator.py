@@ -105,3 +105,18 @@ def test_the_portable_ucontext_fibers_run_the_same_kernels():
     sums = np.zeros(2, dtype=np.float32)
     module.get_function("warp_sums")((1,), (64,), (x, sums))
     np.testing.assert_array_equal(sums, x.reshape(2, 32).sum(axis=1))
+
+
+def test_a_changed_header_is_rebuilt_not_taken_from_the_cache(tmp_path, monkeypatch):
+    """Builds are keyed by the headers a kernel includes (tensor_core.cuh for the tensor-core kernels) too."""
+    monkeypatch.setenv("TINYTF_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "include").mkdir()
+    header = tmp_path / "include" / "value.cuh"
+    source = tmp_path / "kernel.cu"
+    source.write_text('#include "value.cuh"\n'
+                      'extern "C" __global__ void write_value(float* x) { x[threadIdx.x] = kValue; }\n')
+    for value in (1.0, 2.0):
+        header.write_text(f"constexpr float kValue = {value};\n")
+        x = np.zeros(32, dtype=np.float32)
+        EmulatedModule(source, options=(f"-I{tmp_path / 'include'}",)).get_function("write_value")((1,), (32,), (x,))
+        assert (x == value).all()

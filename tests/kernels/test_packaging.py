@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tinytf.kernels.compile_gate import TENSOR_CORE_SOURCES
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
@@ -39,14 +41,16 @@ def test_the_wheel_carries_the_kernels_and_finds_them_when_installed(tmp_path):
                       for path in (REPOSITORY / "tinytf").rglob("__init__.py") if "__pycache__" not in path.parts)
     expected = {f"{package}/__init__.py" for package in packages} | {
         "tinytf/kernels/__init__.py", "tinytf/kernels/compile_gate.py", "tinytf/kernels/flash_attention.cu",
+        "tinytf/kernels/tensor_core.cuh", "tinytf/kernels/flash_attention_tc.cuh",
         "tinytf/kernels/emulator/cuda_emulator.h",
-    }
+    } | {f"tinytf/kernels/{source.name}" for source in TENSOR_CORE_SOURCES if source.is_file()}
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
 
     installed = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(installed)  # what pip install puts in site-packages for a pure-Python wheel
     probe = ("import tinytf.kernels as k, tinytf.kernels.emulator as e; "
-             "print(k.FLASH_ATTENTION_SOURCE.resolve()); print(e.HEADER.resolve())")
+             "print(k.FLASH_ATTENTION_SOURCE.resolve()); print(k.TENSOR_CORE_HEADER.resolve()); "
+             "print(e.HEADER.resolve())")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(installed)})
     assert result.returncode == 0, result.stderr

@@ -140,3 +140,37 @@ def test_the_model_trains_and_generates_alike_on_every_device(device, preset):
     generated = model.generate(prompt, 15, temperature=0)
     assert generated.device == model.wte.weight.device
     np.testing.assert_array_equal(generated.numpy(), reference.generate(prompt, 15, temperature=0).numpy())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_a_half_precision_model_trains_in_its_dtype_close_to_float32(device, preset, dtype):
+    """model.to(bfloat16): forward, a float32 loss (as under PyTorch's autocast) and backward, with every parameter
+    and gradient in the model's dtype, and a loss close to the float32 model's with the same (rounded) weights."""
+    config = GPTConfig.from_preset(preset, vocab_size=65, n_layer=2, n_head=4, n_embd=32, block_size=16)
+    tinytf.manual_seed(0)
+    half = GPT(config).to(device, dtype)
+    reference = GPT(config)
+    reference.load_state_dict(half.state_dict())  # the float32 model of the same rounded weights
+    ids = np.random.default_rng(0).integers(0, 65, (4, 17))
+    logits, loss = half(ids[:, :-1], ids[:, 1:])
+    reference_logits, reference_loss = reference(ids[:, :-1], ids[:, 1:])
+    assert logits.dtype == tinytf.tensor([], dtype=dtype).dtype and loss.dtype == np.float32
+    loss.backward()
+    reference_loss.backward()
+    assert {parameter.grad.dtype for parameter in half.parameters()} == {logits.dtype}
+    # The loss is the mean of rows' logsumexp(z) - z_target, each term 1-Lipschitz in the max-norm of the logits z,
+    # so the two losses differ by at most twice the largest logit difference; and the logits, after every op rounds
+    # to 8 (bfloat16) or 11 (float16) significant bits, differ by a few of their own ulps.
+    logit_difference = float(np.abs(logits.numpy().astype(np.float64) - reference_logits.numpy()).max())
+    assert abs(float(loss.item()) - float(reference_loss.item())) <= 2 * logit_difference
+    assert logit_difference <= 4 * tinytf.finfo(dtype).eps * float(np.abs(reference_logits.numpy()).max())
+    # Gradients point the same way: relative errors of a few 2^-8 per element leave 1 - cosine near (4 * 2^-8)^2 / 2,
+    # about 1e-4.
+    for parameter, reference_parameter in zip(half.parameters(), reference.parameters()):
+        grad = tinytf.backend.to_numpy(parameter.grad).astype(np.float64).ravel()
+        reference_grad = reference_parameter.grad.ravel()
+        cosine = grad @ reference_grad / (np.linalg.norm(grad) * np.linalg.norm(reference_grad) + 1e-30)
+        assert cosine > 0.999
+    generated = half.generate(ids[:, :3], 4, temperature=0)
+    assert generated.shape == (4, 7)

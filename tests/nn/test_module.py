@@ -93,3 +93,28 @@ def test_module_that_forgets_super_init_gets_a_clear_error():
 
     with pytest.raises(RuntimeError, match="must call super"):
         Broken()
+
+
+@pytest.mark.parametrize("cast, dtype", [(lambda m: m.to(tinytf.bfloat16), tinytf.bfloat16),
+                                         (lambda m: m.to("bfloat16"), tinytf.bfloat16),
+                                         (lambda m: m.bfloat16(), tinytf.bfloat16), (lambda m: m.half(), np.float16),
+                                         (lambda m: m.to("cpu", tinytf.float16), np.float16),
+                                         (lambda m: m.float(), np.float32),
+                                         (lambda m: m.double(), np.float64)])
+def test_to_dtype_casts_floating_parameters_gradients_and_buffers(cast, dtype):
+    model = TwoLayer()
+    model.register_buffer("positions", np.arange(3))  # an integer buffer keeps its dtype
+    model(tinytf.ones(2, 3)).sum().backward()
+    values = model.first.weight.numpy().copy()
+    assert cast(model) is model
+    assert {parameter.dtype for parameter in model.parameters()} == {np.dtype(dtype)}
+    assert {parameter.grad.dtype for parameter in model.parameters()} == {np.dtype(dtype)}
+    assert model.scale.dtype == model.scratch.dtype == dtype and model.positions.dtype == np.int64
+    np.testing.assert_array_equal(model.first.weight.numpy(), values.astype(dtype))  # rounded, not redrawn
+    out = model(tinytf.ones(2, 3, dtype=dtype))
+    assert out.dtype == dtype
+
+
+def test_to_refuses_a_non_floating_dtype():
+    with pytest.raises(TypeError, match="dtype must be floating"):
+        TwoLayer().to(np.int32)

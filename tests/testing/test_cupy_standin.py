@@ -69,3 +69,16 @@ def test_cupy_names_that_are_builtins_too_leave_the_standins_own_code_alone():
     assert cupy.all(cupy.ones(2)) and cupy.any(cupy.ones(2)) and float(cupy.max(cupy.arange(3.0))) == 2.0
     x = cupy.arange(5.0)
     np.testing.assert_array_equal(x[cupy.asarray([4, 0])].get(), [4.0, 0.0])
+
+
+def test_bfloat16_works_where_cupy_14_supports_it_and_fails_where_it_does_not():
+    bfloat16 = backend.BFLOAT16
+    x = cupy.arange(6.0).astype(bfloat16).reshape(2, 3)
+    assert (cupy.exp(x) * 2 + x).dtype == bfloat16 and float(x.sum()) == 15.0
+    assert (x @ x.T).shape == (2, 2)  # 2-D matmul: cuBLAS takes bfloat16
+    batched = x.reshape(1, 2, 3)
+    for unsupported in (lambda: batched @ x.T, lambda: cupy.matmul(batched, x.T), lambda: cupy.around(x),
+                        lambda: x.round(), lambda: cupy.divmod(x, x), lambda: cupy.add.at(x, cupy.asarray([0]), x[0])):
+        with pytest.raises(TypeError, match="bfloat16"):
+            unsupported()
+    assert float((batched.astype(np.float32) @ x.T.astype(np.float32)).sum()) == float((x @ x.T).sum())

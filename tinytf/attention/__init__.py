@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..backend import device_scope, to_device
+from ..backend import device_scope, is_floating, to_device
 from ..tensor import Tensor
 from . import cuda
 from .flash import FlashAttention, flash_attention_backward, flash_attention_forward
@@ -111,7 +111,7 @@ def _check_inputs(q, k, v, attn_mask, dropout_p: float, is_causal: bool, backend
         if x.ndim != 4:
             raise ValueError(f"scaled_dot_product_attention: {name} must have 4 dimensions (B, H, L, D), "
                              f"got shape {x.shape}")
-        if x.dtype.kind != "f":
+        if not is_floating(x.dtype):
             raise TypeError(f"scaled_dot_product_attention: {name} must be floating point, got {x.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"scaled_dot_product_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "

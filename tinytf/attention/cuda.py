@@ -1,17 +1,21 @@
-"""backend="cuda": the FlashAttention-2 kernels of tinytf/kernels/flash_attention.cu, launched through CuPy.
+"""backend="cuda": tinytf's FlashAttention-2 kernels, launched through CuPy.
 
     out = cuda_attention(q, k, v, is_causal=True, scale=0.125)    # tensors on a CUDA device in, one out
 
-One autograd Function: forward runs flash_attention_forward and saves O and the row log-sum-exp L; backward runs the
-delta pre-pass, then the dQ kernel and the dK/dV kernel (the header of the .cu file says why dQ has a pass of its
-own). cupy.RawModule compiles a head dim's kernels on first use, cached per (head dim, device), with the options
-of tinytf.kernels.FlashAttentionVariant: the compile gate checks exactly those builds.
+Two builds, chosen by the inputs' dtype: float32 runs tinytf/kernels/flash_attention.cu on CUDA cores (sm_70+);
+bfloat16 and float16 run the tensor-core kernels of flash_attention_tc.cu and flash_attention_tc_backward.cu
+(mma.sync, sm_80+), with float32 accumulation, softmax state and log-sum-exp, and O and the gradients in the inputs'
+dtype. One autograd Function: forward runs the forward kernel and saves O and the row log-sum-exp L; backward runs the
+delta pre-pass, then the dQ kernel and the dK/dV kernel (the kernel files' headers say why dQ has a pass of its own).
+cupy.RawModule compiles a build's kernels on first use, cached per (head dim, dtype, device), with the options of
+tinytf.kernels.FlashAttentionVariant or TensorCoreVariant: the compile gate checks exactly those builds.
 
 emulated_attention() runs the same Function on NumPy tensors, with the kernels built for the CPU by
 tinytf.kernels.emulator: slow, and the way to study and test the CUDA code without a GPU.
 
-Inputs: q (B, Hq, T, d), k and v (B, Hkv, S, d), float32, Hq a multiple of Hkv (grouped-query attention: query head
-h reads K/V head h // (Hq // Hkv)), d one of tinytf.kernels.HEAD_DIMS. Non-contiguous inputs are copied once.
+Inputs: q (B, Hq, T, d), k and v (B, Hkv, S, d), one dtype, Hq a multiple of Hkv (grouped-query attention: query
+head h reads K/V head h // (Hq // Hkv)); d one of tinytf.kernels.HEAD_DIMS for float32, of TENSOR_CORE_HEAD_DIMS for
+bfloat16/float16. Non-contiguous inputs are copied once.
 """
 
 from __future__ import annotations
@@ -23,11 +27,21 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-from ..kernels import FLASH_ATTENTION_SOURCE, HEAD_DIMS, THREADS_PER_BLOCK, FlashAttentionVariant
+from ..kernels import (
+    HEAD_DIMS,
+    TENSOR_CORE_DTYPES,
+    TENSOR_CORE_HEAD_DIMS,
+    THREADS_PER_BLOCK,
+    FlashAttentionVariant,
+    kernel_source,
+    tensor_core_variant,
+)
 from ..kernels.emulator import EmulatedModule
 from ..tensor import Function, Tensor
 
-SUPPORTED_DTYPE = np.dtype(np.float32)
+STATS_DTYPE = np.dtype(np.float32)  # of the row statistics L and D, whatever the inputs' dtype
+SUPPORTED_DTYPES = ("float32", *TENSOR_CORE_DTYPES)
+TENSOR_CORE_MIN_ARCH = 80  # mma.sync.m16n8k16 on bf16/fp16 and cp.async arrived with the A100
 MAX_GRID_Y = 65535  # batch x heads rides on gridDim.y
 
 
@@ -47,14 +61,20 @@ def unsupported_reason(q: Tensor, k: Tensor, device_kind: str = "cuda") -> str |
     devices): only what the kernels add, their dtype, device, head dims and grid.
     """
     (B, Hq, T, d), S = q.shape, k.shape[2]
-    if q.dtype != SUPPORTED_DTYPE:
-        return f"the kernels take float32, but the inputs are {q.dtype}; cast with .float()"
+    if q.dtype.name not in SUPPORTED_DTYPES:
+        return f"the kernels take {', '.join(SUPPORTED_DTYPES)}, but the inputs are {q.dtype}; cast with .float()"
     if not q.device.startswith(device_kind):
         return f"the inputs must be on {'a CUDA device' if device_kind == 'cuda' else 'the CPU'}, not {q.device}"
     if T == 0 or S == 0 or B == 0:
         return f"empty inputs (q {q.shape}, k {k.shape})"
-    if d not in HEAD_DIMS:
-        return f"head dim {d} has no kernel; supported: {HEAD_DIMS}"
+    head_dims = HEAD_DIMS if q.dtype.name == "float32" else TENSOR_CORE_HEAD_DIMS
+    if d not in head_dims:
+        return f"head dim {d} has no {q.dtype} kernel; supported: {head_dims}"
+    if q.dtype.name != "float32" and device_kind == "cuda":
+        arch = _compute_capability(int(q.device.split(":")[1]))
+        if arch < TENSOR_CORE_MIN_ARCH:
+            return (f"the {q.dtype} kernels use tensor-core instructions of sm_{TENSOR_CORE_MIN_ARCH} and later, and "
+                    f"this GPU is sm_{arch}; cast to float32 with .float()")
     if B * Hq > MAX_GRID_Y:
         return f"batch x query heads = {B * Hq} exceeds the grid's {MAX_GRID_Y}"
     return None
@@ -74,7 +94,7 @@ def cuda_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scale: f
 def launch_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scale: float,
                      key_padding_mask=None) -> Tensor:
     """cuda_attention for inputs already checked (scaled_dot_product_attention and unsupported_reason did)."""
-    kernels = _cupy_kernels(q.shape[-1], int(q.device.split(":")[1]))
+    kernels = _cupy_kernels(q.shape[-1], q.dtype.name, int(q.device.split(":")[1]))
     return _apply(kernels, q, k, v, is_causal, scale, key_padding_mask)
 
 
@@ -82,39 +102,48 @@ def emulated_attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, scal
                        schedule: str = "lockstep") -> Tensor:
     """cuda_attention on CPU tensors: the same kernels and launches, run by tinytf.kernels.emulator (needs g++)."""
     _check_inputs(q, k, v, key_padding_mask, device_kind="cpu")
-    return _apply(_emulated_kernels(q.shape[-1], schedule), q, k, v, is_causal, scale, key_padding_mask)
+    kernels = _emulated_kernels(q.shape[-1], q.dtype.name, schedule)
+    return _apply(kernels, q, k, v, is_causal, scale, key_padding_mask)
 
 
 class FlashAttentionKernels:
-    """The kernels of one head dim and how to launch them, on CuPy arrays (a GPU) or NumPy arrays (the emulator).
+    """The kernels of one build and how to launch them, on CuPy arrays (a GPU) or NumPy arrays (the emulator).
 
-    `module` is a cupy.RawModule or a tinytf.kernels.emulator.EmulatedModule built with `variant.options`; `device`
-    makes the context the launches run in (the module's GPU; backward runs later, outside the caller's context).
+    `modules`: one cupy.RawModule or tinytf.kernels.emulator.EmulatedModule per file of `variant.sources`, built with
+    `variant.options`; the forward kernel comes from the first, the backward kernels from the last. `variant` is a
+    FlashAttentionVariant (float32) or a TensorCoreVariant (bf16/fp16): both builds take the same arguments in the
+    same order. `device` makes the context the launches run in (the modules' GPU; backward runs later, outside the
+    caller's context).
     """
 
-    def __init__(self, module, variant: FlashAttentionVariant, device=contextlib.nullcontext):
-        self.variant, self.device = variant, device
-        self.forward_kernel = module.get_function("flash_attention_forward")
-        self.delta_kernel = module.get_function("flash_attention_backward_delta")
-        self.dq_kernel = module.get_function("flash_attention_backward_dq")
-        self.dkdv_kernel = module.get_function("flash_attention_backward_dkdv")
+    def __init__(self, modules, variant, device=contextlib.nullcontext):
+        self.modules, self.variant, self.device = tuple(modules), variant, device
+        self.dtype = np.dtype(variant.dtype)
+        self._kernels = {}
+
+    def kernel(self, role: str):
+        """The kernel named variant.kernel_prefix + role ("forward", "backward_delta", ...), looked up on first use."""
+        if role not in self._kernels:
+            module = self.modules[0] if role == "forward" else self.modules[-1]
+            self._kernels[role] = module.get_function(f"{self.variant.kernel_prefix}{role}")
+        return self._kernels[role]
 
     def forward(self, q, k, v, key_keep, scale: float, is_causal: bool):
         """-> out (B, Hq, T, d), logsumexp (B, Hq, T) float32."""
-        _check_launch_arrays(self.variant, key_keep, q=q, k=k, v=v)
+        self._check_launch_arrays(key_keep, q=q, k=k, v=v)
         xp = get_array_module(q)
         B, Hq, T, _ = q.shape
         with self.device():
             out = xp.empty_like(q)
-            logsumexp = xp.empty((B, Hq, T), dtype=SUPPORTED_DTYPE)
+            logsumexp = xp.empty((B, Hq, T), dtype=STATS_DTYPE)
             grid = (_ceil_div(T, self.variant.forward_block_rows), B * Hq)
-            self.forward_kernel(grid, (THREADS_PER_BLOCK,),
-                                (q, k, v, key_keep, out, logsumexp, *_shape_args(q, k, scale, is_causal)))
+            self.kernel("forward")(grid, (THREADS_PER_BLOCK,),
+                                   (q, k, v, key_keep, out, logsumexp, *_shape_args(q, k, scale, is_causal)))
         return out, logsumexp
 
     def backward(self, q, k, v, key_keep, out, logsumexp, grad_out, scale: float, is_causal: bool):
         """-> grad_q, grad_k, grad_v, shaped like q, k, v."""
-        _check_launch_arrays(self.variant, key_keep, q=q, k=k, v=v, out=out, grad_out=grad_out)
+        self._check_launch_arrays(key_keep, q=q, k=k, v=v, out=out, grad_out=grad_out)
         xp = get_array_module(q)
         B, Hq, T, _ = q.shape
         Hkv, S = k.shape[1], k.shape[2]
@@ -122,15 +151,29 @@ class FlashAttentionKernels:
         shape_args = _shape_args(q, k, scale, is_causal)
         rows_per_block = self.variant.backward_block_rows
         with self.device():
-            delta = xp.empty((B, Hq, T), dtype=SUPPORTED_DTYPE)
-            self.delta_kernel((_ceil_div(rows, THREADS_PER_BLOCK // 32),), (THREADS_PER_BLOCK,),
-                              (out, grad_out, delta, np.int32(rows)))
+            delta = xp.empty((B, Hq, T), dtype=STATS_DTYPE)
+            self.kernel("backward_delta")((_ceil_div(rows, THREADS_PER_BLOCK // 32),), (THREADS_PER_BLOCK,),
+                                          (out, grad_out, delta, np.int32(rows)))
             grad_q, grad_k, grad_v = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
-            self.dq_kernel((_ceil_div(T, rows_per_block), B * Hq), (THREADS_PER_BLOCK,),
-                           (q, k, v, key_keep, grad_out, logsumexp, delta, grad_q, *shape_args))
-            self.dkdv_kernel((_ceil_div(S, rows_per_block), B * Hkv), (THREADS_PER_BLOCK,),
-                             (q, k, v, key_keep, grad_out, logsumexp, delta, grad_k, grad_v, *shape_args))
+            self.kernel("backward_dq")((_ceil_div(T, rows_per_block), B * Hq), (THREADS_PER_BLOCK,),
+                                       (q, k, v, key_keep, grad_out, logsumexp, delta, grad_q, *shape_args))
+            self.kernel("backward_dkdv")((_ceil_div(S, rows_per_block), B * Hkv), (THREADS_PER_BLOCK,),
+                                         (q, k, v, key_keep, grad_out, logsumexp, delta, grad_k, grad_v, *shape_args))
         return grad_q, grad_k, grad_v
+
+    def _check_launch_arrays(self, key_keep, **arrays) -> None:
+        """A kernel reads raw pointers: wrong dtypes or strides would be misread silently on a GPU, so refuse them."""
+        for name, x in arrays.items():
+            if x.dtype != self.dtype or not x.flags.c_contiguous:
+                raise ValueError(f"flash attention kernels: {name} must be C-contiguous {self.dtype}, got {x.dtype} "
+                                 f"with strides {x.strides}")
+            if x.shape[-1] != self.variant.head_dim:
+                raise ValueError(f"flash attention kernels: {name} has head dim {x.shape[-1]}, these kernels "
+                                 f"{self.variant.head_dim}")
+        expected_shape = (arrays["q"].shape[0], arrays["k"].shape[2])
+        if key_keep.dtype != np.uint8 or not key_keep.flags.c_contiguous or key_keep.shape != expected_shape:
+            raise ValueError(f"flash attention kernels: key_keep must be C-contiguous uint8 (B, S), got "
+                             f"{key_keep.dtype} {key_keep.shape}")
 
 
 class CudaFlashAttention(Function):
@@ -146,7 +189,7 @@ class CudaFlashAttention(Function):
 
     def backward(self, grad_out):
         q, k, v, out, logsumexp = self.saved_tensors
-        grad_out = get_array_module(grad_out).ascontiguousarray(grad_out, dtype=SUPPORTED_DTYPE)
+        grad_out = get_array_module(grad_out).ascontiguousarray(grad_out, dtype=q.dtype)
         grads = self.kernels.backward(q, k, v, self.key_keep, out, logsumexp, grad_out, self.scale, self.is_causal)
         return tuple(grad if needed else None for grad, needed in zip(grads, self.needs_input_grad))
 
@@ -157,18 +200,32 @@ def _apply(kernels, q, k, v, is_causal, scale, key_padding_mask) -> Tensor:
                                     is_causal=bool(is_causal))
 
 
+def kernel_variant(head_dim: int, dtype_name: str):
+    """The build that takes inputs of this head dim and dtype."""
+    return FlashAttentionVariant(head_dim) if dtype_name == "float32" else tensor_core_variant(head_dim, dtype_name)
+
+
 @functools.cache
-def _cupy_kernels(head_dim: int, device_index: int) -> FlashAttentionKernels:
+def _cupy_kernels(head_dim: int, dtype_name: str, device_index: int) -> FlashAttentionKernels:
     cupy = backend.cupy_module()
-    variant = FlashAttentionVariant(head_dim)
-    module = cupy.RawModule(code=FLASH_ATTENTION_SOURCE.read_text(), options=variant.options)
-    return FlashAttentionKernels(module, variant, device=lambda: cupy.cuda.Device(device_index))
+    variant = kernel_variant(head_dim, dtype_name)
+    # The source goes in with its headers inlined: CuPy's cache of builds is keyed by the code it is given, so a
+    # changed header must change the code.
+    modules = [cupy.RawModule(code=kernel_source(source), options=variant.options) for source in variant.sources]
+    return FlashAttentionKernels(modules, variant, device=lambda: cupy.cuda.Device(device_index))
 
 
 @functools.cache
-def _emulated_kernels(head_dim: int, schedule: str) -> FlashAttentionKernels:
-    variant = FlashAttentionVariant(head_dim)
-    return FlashAttentionKernels(EmulatedModule(FLASH_ATTENTION_SOURCE, variant.options, schedule=schedule), variant)
+def _emulated_kernels(head_dim: int, dtype_name: str, schedule: str) -> FlashAttentionKernels:
+    variant = kernel_variant(head_dim, dtype_name)
+    modules = [EmulatedModule(source, variant.options, schedule=schedule) for source in variant.sources]
+    return FlashAttentionKernels(modules, variant)
+
+
+@functools.cache
+def _compute_capability(device_index: int) -> int:
+    """80 for an A100, 90 for an H100."""
+    return int(backend.cupy_module().cuda.Device(device_index).compute_capability)
 
 
 def _key_keep(key_padding_mask, batch: int, key_len: int, xp):
@@ -197,8 +254,8 @@ def _check_inputs(q, k, v, key_padding_mask, device_kind: str) -> None:
             raise TypeError(f"cuda attention: {name} must be a Tensor, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"cuda attention: {name} must be (B, H, L, d), got shape {x.shape}")
-        if x.dtype != SUPPORTED_DTYPE:
-            raise TypeError(f"cuda attention: the kernels take float32, but {name} is {x.dtype}; cast with .float()")
+        if x.dtype != q.dtype:
+            raise TypeError(f"cuda attention: q, k, v must have one dtype, but q is {q.dtype} and {name} {x.dtype}")
         if not x.device.startswith(device_kind):
             where = "a CUDA device" if device_kind == "cuda" else "the CPU"
             raise RuntimeError(f"cuda attention: {name} must be on {where}, but it is on {x.device}")
@@ -221,18 +278,3 @@ def _check_inputs(q, k, v, key_padding_mask, device_kind: str) -> None:
                              f"got {mask.dtype} {tuple(mask.shape)}")
         if backend.device_of(mask) != q.device:
             raise RuntimeError(f"cuda attention: key_padding_mask is on {backend.device_of(mask)}, q on {q.device}")
-
-
-def _check_launch_arrays(variant: FlashAttentionVariant, key_keep, **arrays) -> None:
-    """A kernel reads raw pointers: wrong dtypes or strides would be misread silently on a GPU, so refuse them."""
-    for name, x in arrays.items():
-        if x.dtype != SUPPORTED_DTYPE or not x.flags.c_contiguous:
-            raise ValueError(f"flash attention kernels: {name} must be C-contiguous float32, got {x.dtype} "
-                             f"with strides {x.strides}")
-        if x.shape[-1] != variant.head_dim:
-            raise ValueError(f"flash attention kernels: {name} has head dim {x.shape[-1]}, these kernels "
-                             f"{variant.head_dim}")
-    expected_shape = (arrays["q"].shape[0], arrays["k"].shape[2])
-    if key_keep.dtype != np.uint8 or not key_keep.flags.c_contiguous or key_keep.shape != expected_shape:
-        raise ValueError(f"flash attention kernels: key_keep must be C-contiguous uint8 (B, S), got {key_keep.dtype} "
-                         f"{key_keep.shape}")

@@ -63,6 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..backend import get_array_module, get_num_threads
+from ..functional.common import computes_in_float32
 from ..tensor import Function
 from .masks import causal_visibility
 
@@ -433,8 +434,11 @@ def _run_groups(work, groups: list, n_threads: int) -> list:
 # --- the differentiable op ----------------------------------------------------------------------------------------
 
 
+@computes_in_float32
 class FlashAttention(Function):
-    """The flash backend as one autograd node: forward saves Q, K, V, O and L; backward recomputes P from them."""
+    """The flash backend as one autograd node: forward saves Q, K, V, O and L; backward recomputes P from them.
+    Half-precision inputs are kept in float32 for the backward, O included: D = rowsum(dO * O) from a rounded O
+    would move every gradient by the rounding (computes_in_float32)."""
 
     def forward(self, q, k, v, scale: float, is_causal: bool = False, key_mask=None, block_q=None, block_k=None,
                 num_threads=None):

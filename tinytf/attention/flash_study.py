@@ -23,14 +23,15 @@ Also here, as the tuned version supports them:
   each K/V head's gradient is the sum over the query heads that read it;
 - a row that sees no key at all gets O = 0 and L = +inf, so the backward gives it P = 0 and zero gradients.
 
-Every tile is batched over the leading (B, Hq) axes; the arithmetic is in the inputs' dtype.
+Every tile is batched over the leading (B, Hq) axes; the arithmetic is in the inputs' dtype, float32 at least: half
+precision (float16, bfloat16) is widened on the way in and O, dQ, dK, dV are rounded back once (L stays float32).
 The tuned version of the same algorithm is flash.py; tests/attention/test_flash_study.py checks this one against a
 float64 softmax(Q K^T) V and the tuned one against this one.
 """
 
 from __future__ import annotations
 
-from ..backend import get_array_module
+from ..backend import compute_dtype, get_array_module
 from .masks import causal_visibility
 
 
@@ -38,6 +39,8 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
     """Algorithm 1. Q (B, Hq, T, d), K, V (B, Hkv, S, d) -> O (B, Hq, T, d), L (B, Hq, T): the output and each row's
     log-sum-exp of its scores (+inf for a row that sees no key). block_q, block_k: the tile sizes Br, Bc."""
     xp = get_array_module(Q)
+    out_dtype = Q.dtype
+    Q, K, V = _widened(Q, K, V)
     T, S = Q.shape[2], K.shape[2]
     K, V = _repeat_kv(K, Q.shape[1]), _repeat_kv(V, Q.shape[1])  # (B, Hq, S, d)
     Br, Bc = block_q, block_k
@@ -64,13 +67,15 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
         l = xp.where(seen, l, 1)
         O[..., rows, :] = O_i / l[..., None]
         L[..., rows] = xp.where(seen, m + xp.log(l), xp.inf)
-    return O, L
+    return O.astype(out_dtype, copy=False), L
 
 
 def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask=None, block_q=64, block_k=64):
     """Algorithm 2. dO, Q, O (B, Hq, T, d), K, V (B, Hkv, S, d), L (B, Hq, T) from the forward -> dQ, dK, dV with
     the shapes of Q, K, V."""
     xp = get_array_module(Q)
+    dtypes = Q.dtype, K.dtype, V.dtype
+    dO, Q, K, V, O = _widened(dO, Q, K, V, O)
     (B, Hq, T, d), (_, Hkv, S, _) = Q.shape, K.shape
     K, V = _repeat_kv(K, Hq), _repeat_kv(V, Hq)  # (B, Hq, S, d)
     Br, Bc = block_q, block_k
@@ -95,7 +100,12 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     # Each K/V head was read by G = Hq // Hkv query heads: its gradient is the sum of theirs.
     dK = dK.reshape(B, Hkv, Hq // Hkv, S, d).sum(axis=2)
     dV = dV.reshape(B, Hkv, Hq // Hkv, S, d).sum(axis=2)
-    return dQ, dK, dV
+    return tuple(grad.astype(dtype, copy=False) for grad, dtype in zip((dQ, dK, dV), dtypes))
+
+
+def _widened(*arrays):
+    """The arrays in float32 at least (half precision computes in float32)."""
+    return tuple(X.astype(compute_dtype(X.dtype), copy=False) for X in arrays)
 
 
 def _repeat_kv(X, Hq: int):

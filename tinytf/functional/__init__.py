@@ -219,6 +219,8 @@ def _install_tensor_methods() -> None:
     Tensor.T = property(lambda self: permute(self, tuple(reversed(range(self.ndim)))))
     Tensor.float = lambda self: cast(self, "float32")
     Tensor.double = lambda self: cast(self, "float64")
+    Tensor.half = lambda self: cast(self, "float16")
+    Tensor.bfloat16 = lambda self: cast(self, "bfloat16")
     Tensor.long = lambda self: cast(self, "int64")
     Tensor.cpu = lambda self: to(self, "cpu")
     Tensor.cuda = lambda self, index=0: to(self, f"cuda:{index}")

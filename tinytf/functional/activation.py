@@ -15,9 +15,18 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import block_scratch, canonical_axes, floating, normalize_axis, row_blocks, row_sum_vector
+from .common import (
+    block_scratch,
+    canonical_axes,
+    computes_in_float32,
+    floating,
+    normalize_axis,
+    row_blocks,
+    row_sum_vector,
+)
 
 
+@computes_in_float32
 class Tanh(Function):
     def forward(self, a):
         out = backend.get_array_module(a).tanh(a)
@@ -29,6 +38,7 @@ class Tanh(Function):
         return grad * (1 - out * out)
 
 
+@computes_in_float32
 class Sigmoid(Function):
     def forward(self, a):
         out = sigmoid_array(a)
@@ -94,6 +104,7 @@ def gelu_tanh_study_backward(grad, x):
     return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * x * x))
 
 
+@computes_in_float32
 class GELUTanh(Function):
     """GELU with the tanh approximation (GPT-2's "gelu_new"), tuned; the formula is gelu_tanh_study_forward and
     gelu_tanh_study_backward.
@@ -160,6 +171,7 @@ def erf(x):
     return (2 / math.sqrt(math.pi) * xp.exp(-clipped * clipped) * clipped * series).astype(dtype)
 
 
+@computes_in_float32
 class GELUErf(Function):
     """Exact GELU: x Phi(x), with Phi the standard normal CDF."""
 
@@ -185,6 +197,7 @@ def silu_study_backward(grad, x):
     return grad * (s + x * s * (1 - s))
 
 
+@computes_in_float32
 class SiLU(Function):
     """x sigmoid(x) (swish), tuned like GELUTanh (Llama's MLP runs it on (B, T, hidden)); the formula is
     silu_study_forward and silu_study_backward.
@@ -234,6 +247,7 @@ def _silu_slope_into(x, s, out, scratch=None) -> None:
     out *= s
 
 
+@computes_in_float32
 class SwiGLU(Function):
     """silu(gate) * up, Llama's gated MLP activation, fused: no (B, T, hidden) array for silu(gate) or its gradient.
     Its study form is silu_study_forward(gate) * up; it is blocked and in place like SiLU, with SiLU's helpers."""
@@ -272,6 +286,7 @@ class SwiGLU(Function):
                 None if grad_up is None else grad_up.reshape(grad.shape))
 
 
+@computes_in_float32
 class Softplus(Function):
     def forward(self, a, beta: float, threshold: float):
         """(...) -> (...): log(1 + e^(beta a)) / beta, and a itself where beta a > threshold (PyTorch's cut-off)"""
@@ -288,6 +303,7 @@ class Softplus(Function):
         return grad * backend.get_array_module(scaled).where(scaled > self.threshold, 1, sigmoid_array(scaled))
 
 
+@computes_in_float32
 class ELU(Function):
     def forward(self, a, alpha: float, scale: float):
         """(...) -> (...): scale * (a for a > 0, alpha (e^a - 1) for a <= 0); SELU is ELU with fixed alpha, scale"""
@@ -323,13 +339,14 @@ class Hardtanh(Function):
     def forward(self, a, min_val: float, max_val: float):
         """(...) -> (...): a clipped to [min_val, max_val]"""
         self.save_for_backward((a > min_val) & (a < max_val))
-        return backend.get_array_module(a).clip(a, min_val, max_val)
+        return backend.get_array_module(a).clip(a, min_val, max_val).astype(a.dtype, copy=False)  # as Clamp
 
     def backward(self, grad):
         (inside,) = self.saved_tensors
         return grad * inside  # zero at the bounds themselves, as in PyTorch
 
 
+@computes_in_float32
 class Hardswish(Function):
     def forward(self, a):
         """(...) -> (...): a relu6(a + 3) / 6, so 0 below -3, a above 3 and a (a + 3) / 6 between"""
@@ -343,6 +360,7 @@ class Hardswish(Function):
         return grad * xp.where(a < -3, 0, xp.where(a <= 3, a / 3 + 0.5, 1))
 
 
+@computes_in_float32
 class Mish(Function):
     def forward(self, a):
         """(...) -> (...): a tanh(softplus(a))"""
@@ -364,6 +382,7 @@ def _stable_max(a, axis: int | None):
     return xp.where(xp.isfinite(row_max), row_max, 0)
 
 
+@computes_in_float32
 class Softmax(Function):
     def forward(self, a, axis: int | None, scale: float = 1.0, bias=None):
         """(..., C) -> (..., C): softmax(a * scale + bias) along `axis`, with bias a constant that broadcasts against
@@ -417,6 +436,7 @@ class Softmax(Function):
         return backend.get_array_module(groups).moveaxis(groups.reshape(self.moved_shape), -1, self.axis)
 
 
+@computes_in_float32
 class LogSoftmax(Function):
     def forward(self, a, axis: int | None):
         xp = backend.get_array_module(a)
@@ -433,6 +453,7 @@ class LogSoftmax(Function):
         return grad - xp.exp(out) * grad.sum(axis=self.axis, keepdims=True)
 
 
+@computes_in_float32
 class Dropout(Function):
     def forward(self, a, p: float, device: str):
         keep = backend.generator(device).random(a.shape, dtype=a.dtype) >= p

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import as_tensor, floating, promoted_dtype, sum_to
+from .common import as_tensor, computes_in_float32, floating, promoted_dtype, sum_to
 
 
 class Add(Function):
@@ -40,6 +40,7 @@ class Mul(Function):
         return grad_a, grad_b
 
 
+@computes_in_float32
 class Div(Function):
     def forward(self, a, b):
         out = a / b
@@ -55,6 +56,7 @@ class Div(Function):
         return sum_to(grad_a, self.shape_a), grad_b
 
 
+@computes_in_float32
 class Pow(Function):
     """a ** b. At the points where the calculus is undefined, PyTorch's conventions:
     d/da = b a^(b-1) is 0 where b == 0 (so x ** 0 has gradient 0 at x = 0, not 0 * inf);
@@ -80,6 +82,7 @@ class Pow(Function):
         return grad_a, grad_b
 
 
+@computes_in_float32
 class PowScalar(Function):
     """a ** c for a Python number c, with Pow's convention: the gradient of a ** 0 is 0 everywhere."""
 
@@ -136,6 +139,7 @@ class Log(Function):
         return grad / a
 
 
+@computes_in_float32
 class Sqrt(Function):
     def forward(self, a):
         out = backend.get_array_module(a).sqrt(a)
@@ -147,6 +151,7 @@ class Sqrt(Function):
         return grad / (2 * out)
 
 
+@computes_in_float32
 class Rsqrt(Function):
     def forward(self, a):
         out = 1 / backend.get_array_module(a).sqrt(a)
@@ -200,7 +205,7 @@ class Clamp(Function):
         xp = backend.get_array_module(a)
         self.save_for_backward(a)
         self.bounds = low, high
-        return xp.clip(a, low, high)
+        return xp.clip(a, low, high).astype(a.dtype, copy=False)  # NumPy clips bfloat16 into float32
 
     def backward(self, grad):
         (a,) = self.saved_tensors
@@ -372,9 +377,9 @@ def cast(a: Tensor, dtype) -> Tensor:
 def to(a: Tensor, device=None, dtype=None) -> Tensor:
     """A tensor on `device` and/or of `dtype` (itself when nothing changes); differentiable.
 
-    Accepts `to("cuda")`, `to(np.float64)` and `to(device, dtype)` like PyTorch.
+    Accepts `to("cuda")`, `to(np.float64)`, `to("bfloat16")` and `to(device, dtype)` like PyTorch.
     """
-    if dtype is None and device is not None and not isinstance(device, str):
+    if dtype is None and device is not None and not backend.is_device_name(device):
         device, dtype = None, device
     if device is not None and backend.canonical_device(device) != a.device:
         a = ToDevice.apply(a, device=backend.check_device(device))

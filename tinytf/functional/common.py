@@ -9,6 +9,11 @@ Type promotion follows PyTorch, not NumPy, so that float32 never turns into floa
   and two tensors of the same kind of rank promote as NumPy does (float32 + float64 -> float64, int8 + uint8 -> int16);
 - a Python scalar takes the tensor's dtype (a float scalar with an integer or bool tensor: the default float dtype);
 - floating functions of integer or bool tensors (exp, sin, true division, ...) compute in the default float dtype.
+bfloat16 is a floating dtype like the others here (bfloat16 + float16 -> float32, bfloat16 + float32 -> float32,
+bfloat16 + int64 -> bfloat16, bfloat16 + Python float -> bfloat16), although NumPy's dtype.kind calls it "V".
+
+Half precision (float16, bfloat16) is stored and returned as such, but the ops that accumulate or chain many steps
+compute in float32 and round once at the end, as PyTorch's kernels do: `computes_in_float32` below.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ def sum_to(grad, shape: tuple[int, ...]):
     """Sum `grad` over the axes that broadcasting added or stretched, so it has `shape` again.
 
     If y = broadcast(x), each element of x feeds every copy of itself in y, so dL/dx sums dL/dy over the copies.
+    Half precision sums in float32 and rounds once.
     """
     if grad.shape == shape:
         return grad
     leading = grad.ndim - len(shape)
     stretched = tuple(leading + axis for axis, size in enumerate(shape) if size == 1 and grad.shape[leading + axis] != 1)
-    grad = grad.sum(axis=tuple(range(leading)) + stretched, keepdims=True)
-    return grad.reshape(shape)
+    summed = grad.sum(axis=tuple(range(leading)) + stretched, keepdims=True, dtype=backend.compute_dtype(grad.dtype))
+    return summed.astype(grad.dtype, copy=False).reshape(shape)
 
 
 # Fused ops run their chain of in-place passes one block of rows at a time: a block of this size stays in the L2
@@ -66,7 +72,7 @@ def as_tensor(value, like: Tensor) -> Tensor:
         return value
     if isinstance(value, (float, int)):  # bool is an int
         dtype = like.dtype
-        if type(value) is float and dtype.kind != "f":
+        if type(value) is float and not backend.is_floating(dtype):
             dtype = backend.DEFAULT_DTYPE
         elif type(value) is int and dtype == bool:
             dtype = np.dtype(np.int64)
@@ -76,7 +82,9 @@ def as_tensor(value, like: Tensor) -> Tensor:
 
 
 def _category(dtype) -> int:
-    return {"b": 0, "i": 1, "u": 1, "f": 2}.get(np.dtype(dtype).kind, 3)
+    if backend.is_floating(dtype):
+        return 2
+    return {"b": 0, "i": 1, "u": 1}.get(np.dtype(dtype).kind, 3)
 
 
 def promoted_dtype(a: Tensor, b: Tensor) -> np.dtype:
@@ -97,6 +105,51 @@ def floating(a: Tensor) -> Tensor:
         return a
     with backend.device_scope(a.device):  # CuPy converts on its current device: make it the tensor's
         return Tensor(a.data.astype(backend.DEFAULT_DTYPE))  # integers carry no gradient
+
+
+def computes_in_float32(function_class):
+    """Class decorator for a Function whose arithmetic accumulates or chains many steps: for float16 and bfloat16
+    inputs, Function.apply runs a variant of it that widens them to float32 for forward and backward and rounds each
+    result once, to the inputs' dtype (the output) or to each input's dtype (its gradient): float32 accumulation, as in
+    PyTorch's kernels. Half arrays among the keyword parameters (class weights, say) are widened too. Other dtypes run
+    the class itself, untouched: the float32 path pays nothing."""
+    forward, backward = function_class.forward, function_class.backward
+
+    class HalfPrecision(function_class):
+        def forward(self, *arrays, **params):
+            self.input_dtypes = tuple(array.dtype for array in arrays)
+            half = next(dtype for dtype in self.input_dtypes if backend.is_half(dtype))
+            params = {name: _widened(value) for name, value in params.items()}
+            out = forward(self, *[_widened(array) for array in arrays], **params)
+            return out.astype(half) if backend.is_floating(out.dtype) else out
+
+        def backward(self, grad):
+            grads = backward(self, _widened(grad))
+            if not isinstance(grads, tuple):
+                return grads.astype(self.input_dtypes[0], copy=False)
+            return tuple(None if g is None else g.astype(dtype, copy=False)
+                         for g, dtype in zip(grads, self.input_dtypes))
+
+    HalfPrecision.__name__ = HalfPrecision.__qualname__ = function_class.__name__  # as grad_fn shows it
+    HalfPrecision.__doc__ = function_class.__doc__
+    function_class.half_precision_variant = HalfPrecision
+    return function_class
+
+
+def scatter_added(shape: tuple[int, ...], index, values):
+    """zeros(shape) with `values` added at `index`, an index that may name an element several times (each adds):
+    the backward of a gather. Half precision is summed in float32 and rounded once."""
+    xp = backend.get_array_module(values)
+    compute = backend.compute_dtype(values.dtype)
+    total = xp.zeros(shape, dtype=compute)
+    xp.add.at(total, index, values.astype(compute, copy=False))
+    return total.astype(values.dtype, copy=False)
+
+
+def _widened(value):
+    """A float16 or bfloat16 array as float32; anything else as it is."""
+    dtype = getattr(value, "dtype", None)  # arrays, and parameters that are not (numbers, windows, scalar types)
+    return value.astype(backend.DEFAULT_DTYPE) if isinstance(dtype, np.dtype) and backend.is_half(dtype) else value
 
 
 def canonical_axes(axis, ndim: int, op: str) -> tuple[int, ...] | None:

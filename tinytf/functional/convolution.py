@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .. import backend
 from ..tensor import Function, Tensor
+from .common import computes_in_float32
 from .shape import squeeze, unsqueeze
 
 
@@ -135,6 +136,7 @@ def _convolve_weight_grad(grad, columns, groups: int, weight_shape):
     return (grad_rows @ columns.swapaxes(-1, -2)).sum(axis=0).reshape(weight_shape)
 
 
+@computes_in_float32
 class Conv2d(Function):
     """conv2d, tuned; the formula is conv2d_study. The tricks: im2col copies the input once per kernel tap, as one
     strided slice over all output pixels (im2col, _tap_slices), so the Python loop is kh * kw long; all groups and
@@ -159,6 +161,7 @@ class Conv2d(Function):
         return grad_x, grad_weight, grad.sum(axis=(0, 2, 3)) if needs[2] else None
 
 
+@computes_in_float32
 class ConvTranspose2d(Function):
     """The adjoint of Conv2d with the same window: forward is conv2d's input gradient, backward convolves."""
 

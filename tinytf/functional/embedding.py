@@ -24,19 +24,21 @@ class Embedding(Function):
     def backward(self, grad):
         xp = backend.get_array_module(grad)
         vocab, dim = self.table_shape
-        ids, rows = self.ids.reshape(-1), grad.reshape(-1, dim)
-        grad_weight = xp.zeros(self.table_shape, dtype=grad.dtype)
+        # Half-precision gradients are summed in float32 (BLAS, and a frequent id's many rows would stop adding up
+        # in bfloat16), and rounded once.
+        compute = backend.compute_dtype(grad.dtype)
+        ids, rows = self.ids.reshape(-1), grad.reshape(-1, dim).astype(compute, copy=False)
+        grad_weight = xp.zeros(self.table_shape, dtype=compute)
         # An id used several times gets the sum of its gradients: both ways accumulate repeated ids.
         if vocab > ONE_HOT_MAX_ROWS:
             xp.add.at(grad_weight, ids, rows)
-            return grad_weight
-        table_ids = xp.arange(vocab)[:, None]
-        step = max(1, ONE_HOT_CHUNK // vocab)
-        compute = xp.promote_types(grad.dtype, xp.float32)  # BLAS, and float32 sums, for half-precision gradients too
-        for start in range(0, ids.shape[0], step):
-            one_hot_transposed = (table_ids == ids[None, start : start + step]).astype(compute)
-            grad_weight += one_hot_transposed @ rows[start : start + step]
-        return grad_weight
+        else:
+            table_ids = xp.arange(vocab)[:, None]
+            step = max(1, ONE_HOT_CHUNK // vocab)
+            for start in range(0, ids.shape[0], step):
+                one_hot_transposed = (table_ids == ids[None, start : start + step]).astype(compute)
+                grad_weight += one_hot_transposed @ rows[start : start + step]
+        return grad_weight.astype(grad.dtype, copy=False)
 
 
 def _integer_ids(op: str, ids, xp):

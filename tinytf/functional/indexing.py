@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
+from .common import computes_in_float32, scatter_added
 from .shape import check_dim, expand, flatten, getitem, reshape
 
 
@@ -56,10 +57,7 @@ class Gather(Function):
         return a[self.coordinates]
 
     def backward(self, grad):
-        xp = backend.get_array_module(grad)
-        full = xp.zeros(self.input_shape, dtype=grad.dtype)
-        xp.add.at(full, self.coordinates, grad)  # a scatter-add: repeated indices accumulate
-        return full
+        return scatter_added(self.input_shape, self.coordinates, grad)
 
 
 class Scatter(Function):
@@ -102,11 +100,12 @@ def _identity(reduce: str, dtype):
         return 0
     if reduce == "prod":
         return 1
-    if dtype.kind == "f":
+    if backend.is_floating(dtype):
         return -math.inf if reduce == "amax" else math.inf
     return np.iinfo(dtype).min if reduce == "amax" else np.iinfo(dtype).max
 
 
+@computes_in_float32
 class ScatterReduce(Function):
     def forward(self, a, src, index, dim: int, reduce: str, include_self: bool):
         """(..., n, ...) input, (..., k, ...) index and src -> input's shape: each src element reduced into
@@ -129,7 +128,7 @@ class ScatterReduce(Function):
             if not include_self:
                 count[coordinates] = 0
             xp.add.at(count, coordinates, 1)
-            out = out / count if a.dtype.kind == "f" else out // count  # PyTorch floors integer means
+            out = out / count if backend.is_floating(a.dtype) else out // count  # PyTorch floors integer means
         self.save_for_backward(a, values, out, count)
         self.coordinates, self.index_shape, self.src_shape = coordinates, index.shape, src.shape
         self.reduce, self.include_self = reduce, include_self
@@ -190,8 +189,7 @@ class IndexSelect(Function):
         return backend.get_array_module(a).take(a, index, axis=dim)
 
     def backward(self, grad):
-        full = backend.get_array_module(grad).zeros(self.input_shape, dtype=grad.dtype)
-        return _add_slices(full, self.dim, self.index, grad)
+        return scatter_added(self.input_shape, (slice(None),) * self.dim + (self.index,), grad)
 
 
 def _add_slices(target, dim: int, index, slices):
@@ -200,6 +198,7 @@ def _add_slices(target, dim: int, index, slices):
     return target
 
 
+@computes_in_float32
 class IndexAdd(Function):
     def forward(self, a, source, index, dim: int, alpha):
         """(..., n, ...) input, (k,) index, (..., k, ...) source -> input's shape, source's slices added at index"""

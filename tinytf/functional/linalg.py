@@ -6,9 +6,10 @@ import string
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import sum_to
+from .common import computes_in_float32, sum_to
 
 
+@computes_in_float32
 class MatMul(Function):
     def forward(self, a, b):
         """(..., n, k) @ (..., k, m) -> (..., n, m); a 1-D operand is a row (left) or a column (right) vector."""
@@ -47,6 +48,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return MatMul.apply(a, b)
 
 
+@computes_in_float32
 class Linear(Function):
     def forward(self, x, weight, bias=None):
         """(..., in) @ (out, in)^T + (out,) -> (..., out)"""
@@ -130,6 +132,7 @@ def _letter_sizes(terms: list[str], shapes: list[tuple[int, ...]]) -> dict[str, 
     return sizes
 
 
+@computes_in_float32
 class Einsum(Function):
     def forward(self, *operands, terms: list[str], output: str, sizes: dict[str, int]):
         """operands with subscripts `terms` -> subscripts `output`: products summed over the letters not kept"""

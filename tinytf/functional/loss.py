@@ -19,7 +19,7 @@ from .. import backend
 from ..tensor import Function, Tensor
 from .activation import sigmoid_array
 from .arithmetic import minimum, where
-from .common import as_tensor
+from .common import as_tensor, computes_in_float32
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -57,6 +57,7 @@ def _target_class_weights(targets, class_weights, ignore_index: int):
     return kept, safe_targets, weights
 
 
+@computes_in_float32
 class CrossEntropy(RowLoss):
     def forward(self, logits, targets, class_weights, ignore_index: int, label_smoothing: float, reduction: str):
         """(N, C) logits, (N,) class ids, (C,) class weights or None -> () for "mean"/"sum", (N,) for "none"."""
@@ -96,6 +97,7 @@ class CrossEntropy(RowLoss):
         return grad_logits, None
 
 
+@computes_in_float32
 class CrossEntropyWithProbabilities(RowLoss):
     def forward(self, logits, target_weights, reduction: str):
         """(N, C) logits, (N, C) weights q (class probabilities, smoothed and class-weighted) -> () or (N,)."""
@@ -118,6 +120,7 @@ class CrossEntropyWithProbabilities(RowLoss):
         return grad_logits, grad_targets
 
 
+@computes_in_float32
 class NLLLoss(RowLoss):
     def forward(self, log_probs, targets, class_weights, ignore_index: int, reduction: str):
         """(N, C) log-probabilities, (N,) class ids, (C,) class weights or None -> () or (N,)."""
@@ -143,6 +146,7 @@ def _clamped_log(a, xp):
     return xp.where(positive, xp.maximum(xp.log(xp.where(positive, a, 1)), -100), -100)
 
 
+@computes_in_float32
 class BinaryCrossEntropy(Function):
     def forward(self, probs, targets):
         """Probabilities and targets of one shape -> elementwise losses -(t log p + (1 - t) log(1 - p))."""
@@ -163,6 +167,7 @@ class BinaryCrossEntropy(Function):
         return grad_probs, grad_targets
 
 
+@computes_in_float32
 class BinaryCrossEntropyWithLogits(Function):
     def forward(self, logits, targets, pos_weight):
         """Logits and targets of one shape, pos_weight (broadcasting to them) or 1 -> elementwise losses
@@ -288,7 +293,7 @@ def cross_entropy(input: Tensor, target, weight=None, ignore_index: int = -100, 
     batch_shape = _batch_shape("cross_entropy", input)
     logits = _classes_last(input)
     target = target if isinstance(target, Tensor) else Tensor(target)
-    if target.dtype.kind == "f":
+    if backend.is_floating(target.dtype):
         if ignore_index != -100:
             raise ValueError(f"cross_entropy: ignore_index={ignore_index} needs class ids, "
                              "but the targets are probabilities")

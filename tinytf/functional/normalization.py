@@ -92,34 +92,34 @@ def _normalize_rows(x, weight, bias, eps: float, centered: bool):
 
     Optimisations: cache-blocked rows (row_blocks); in-place ufunc chains with out= into x_hat, rstd and y,
     allocated once; row means by a matrix-vector product (BLAS: _subtract_row_means, row_sum_vector); squared norms
-    as einsum row dot products with no (rows, C) temporary (_reciprocal_rms, _row_dots); y written straight in x's
-    dtype (casting="unsafe") instead of cast afterwards.
+    as einsum row dot products with no (rows, C) temporary (_reciprocal_rms, _row_dots). Half precision (float16,
+    bfloat16) computes y in float32 too and rounds it once, at the end.
     """
     xp = backend.get_array_module(x)
     width = x.shape[-1]
     rows = x.reshape(-1, width)
-    compute = xp.promote_types(x.dtype, xp.float32)
+    compute = backend.compute_dtype(x.dtype)
     x_hat = xp.empty(rows.shape, dtype=compute)
     rstd = xp.empty((rows.shape[0], 1), dtype=compute)
-    out = xp.empty_like(rows) if weight is not None or x.dtype != compute else None
+    out = xp.empty(rows.shape, dtype=compute) if weight is not None else None
     averager = row_sum_vector(width, compute, xp, scale=1 / width)
     for block in row_blocks(rows):
         xb, hb, rb = rows[block], x_hat[block], rstd[block]
         if centered:
-            _subtract_row_means(xb, averager, out=hb)
+            _subtract_row_means(xb.astype(compute, copy=False), averager, out=hb)
         else:
             hb[...] = xb
         _reciprocal_rms(hb, eps, out=rb)
         hb *= rb
         if weight is not None:
             ob = out[block]
-            xp.multiply(hb, weight, out=ob, casting="unsafe")
+            xp.multiply(hb, weight, out=ob)
             if bias is not None:
                 ob += bias
-        elif out is not None:
-            out[block] = hb
-    # Without a weight and in float32 already, y is x_hat: a copy, because backward keeps x_hat.
-    y = x_hat.copy() if out is None else out
+    if out is None:  # y is x_hat: rounded to x's dtype, or a copy, because backward keeps x_hat
+        y = x_hat.astype(x.dtype) if x.dtype != compute else x_hat.copy()
+    else:
+        y = out.astype(x.dtype, copy=False)
     return y.reshape(x.shape), x_hat, rstd
 
 
@@ -134,7 +134,7 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
     x_hat, rstd, weight = function.saved_tensors
     xp = backend.get_array_module(x_hat)
     width = x_hat.shape[-1]
-    g = grad.reshape(-1, width)
+    g = grad.reshape(-1, width).astype(x_hat.dtype, copy=False)  # half precision: the gradient in float32 too
     needs = function.needs_input_grad
     grad_x = xp.empty(g.shape, dtype=x_hat.dtype) if needs[0] else None
     grad_weight = xp.zeros(width, dtype=x_hat.dtype) if weight is not None and needs[1] else None
@@ -164,7 +164,7 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
     if weight is not None:
         grads.append(None if grad_weight is None else grad_weight.astype(weight.dtype, copy=False))
     if function.has_bias:
-        grads.append(grad_bias)
+        grads.append(None if grad_bias is None else grad_bias.astype(grad.dtype, copy=False))
     return tuple(grads)
 
 

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 from .. import backend
 from ..tensor import Function, Tensor
 from .arithmetic import promoted, true_divide
-from .common import as_tensor, floating, sum_to
+from .common import as_tensor, computes_in_float32, floating, sum_to
 
 
 class Derivable(NamedTuple):
@@ -44,6 +44,7 @@ _DERIVABLE = {
 }
 
 
+@computes_in_float32
 class Elementwise(Function):
     """y = f(a) for a Derivable f; dL/da = grad * f'(a)."""
 
@@ -59,9 +60,11 @@ class Elementwise(Function):
         return grad * self.rule.slope(backend.get_array_module(a), a, out)
 
 
+@computes_in_float32
 class Stepwise(Function):
     """An op piecewise constant in its inputs (floor, sign, floor division, ...): its gradient is zero where it
-    exists, and PyTorch takes it as zero at the steps too (zeros, not grad * 0, which is NaN for an infinite grad)."""
+    exists, and PyTorch takes it as zero at the steps too (zeros, not grad * 0, which is NaN for an infinite grad).
+    Half precision rounds in float32 (exact): CuPy has no bfloat16 rounding ufuncs."""
 
     def forward(self, *arrays, compute: Callable):
         """compute(xp, *arrays): (...) per input -> broadcast shape"""
@@ -75,6 +78,7 @@ class Stepwise(Function):
         return grads if len(grads) > 1 else grads[0]
 
 
+@computes_in_float32
 class Atan2(Function):
     def forward(self, a, b):
         """(...), (...) -> broadcast shape: the angle of the point (x=b, y=a), in [-pi, pi]"""
@@ -90,6 +94,7 @@ class Atan2(Function):
         return grad_a, grad_b
 
 
+@computes_in_float32
 class Remainder(Function):
     def forward(self, a, b):
         """(...), (...) -> broadcast shape: a - b floor(a / b), with the sign of b (Python's %)"""

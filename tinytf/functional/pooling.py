@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
+from .common import computes_in_float32
 from .convolution import Window, col2im, im2col, pair
 from .linalg import matmul
 
@@ -53,6 +54,7 @@ def _check_pool_input(op: str, x: Tensor) -> None:
         raise TypeError(f"{op}: expected a floating input, got dtype {x.dtype}")
 
 
+@computes_in_float32
 class MaxPool2d(Function):
     """Makes max pooling differentiable: max_pool2d finds the maxima and where they are in their windows (it may
     return those positions too), and the gradient of each maximum goes to the element it was taken from."""
@@ -94,6 +96,7 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_
         return out, Tensor((rows * width + cols).astype(xp.int64))
 
 
+@computes_in_float32
 class AvgPool2d(Function):
     def forward(self, x, *, window: Window, output_size, divisor):
         """(N, C, H, W) -> (N, C, OH, OW): each window's sum over `divisor`, a number or an (OH, OW) array."""

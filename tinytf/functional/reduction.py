@@ -12,8 +12,8 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .arithmetic import sqrt
-from .common import canonical_axes, expand_reduced, floating, normalize_axis
+from .arithmetic import cast, sqrt
+from .common import canonical_axes, computes_in_float32, expand_reduced, floating, normalize_axis
 from .shape import reshape
 
 
@@ -34,8 +34,11 @@ def _reduced_shape(shape: tuple[int, ...], axes, keepdims: bool) -> tuple[int, .
 
 
 def accumulator_dtype(dtype):
-    """PyTorch sums and multiplies bools and integers in int64 (NumPy would keep uint8's sums unsigned)."""
-    return None if backend.is_floating(dtype) else np.int64
+    """PyTorch sums and multiplies bools and integers in int64 (NumPy would keep uint8's sums unsigned), and float16
+    and bfloat16 in float32 (bfloat16 sums stop growing at 256 ones); None: the dtype itself."""
+    if backend.is_floating(dtype):
+        return backend.DEFAULT_DTYPE if backend.is_half(dtype) else None
+    return np.int64
 
 
 def _check_floating(op: str, a: Tensor) -> None:
@@ -53,7 +56,8 @@ class Sum(Function):
     def forward(self, a, axis, keepdims: bool):
         """(...) -> (...) with `axis` removed (or kept as size 1)"""
         self.reduction = a.shape, axis, keepdims
-        return a.sum(axis=axis, keepdims=keepdims, dtype=accumulator_dtype(a.dtype))
+        out = a.sum(axis=axis, keepdims=keepdims, dtype=accumulator_dtype(a.dtype))
+        return out.astype(a.dtype) if backend.is_half(a.dtype) else out
 
     def backward(self, grad):
         shape, axis, keepdims = self.reduction
@@ -64,7 +68,9 @@ class Sum(Function):
 class Mean(Function):
     def forward(self, a, axis, keepdims: bool):
         """(...) -> (...) with `axis` removed (or kept as size 1)"""
-        out = a.mean(axis=axis, keepdims=keepdims)
+        out = a.mean(axis=axis, keepdims=keepdims, dtype=accumulator_dtype(a.dtype))
+        if backend.is_half(a.dtype):
+            out = out.astype(a.dtype)
         self.reduction = a.shape, axis, keepdims
         self.count = _reduced_count(a.shape, axis)
         return out
@@ -75,6 +81,7 @@ class Mean(Function):
         return xp.broadcast_to(expand_reduced(grad, shape, axis, keepdims) / self.count, shape)
 
 
+@computes_in_float32
 class Prod(Function):
     def forward(self, a, axis, keepdims: bool):
         """(...) -> (...) with `axis` removed (or kept as size 1)"""
@@ -118,6 +125,7 @@ class Extreme(Function):
         return (expand_reduced(grad, a.shape, axis, keepdims) * share).astype(grad.dtype)
 
 
+@computes_in_float32
 class LogSumExp(Function):
     def forward(self, a, axis, keepdims: bool):
         """(...) -> (...) with `axis` removed (or kept as size 1)"""
@@ -137,6 +145,7 @@ class LogSumExp(Function):
         return expand_reduced(grad, a.shape, axis, keepdims) * xp.exp(a - out)
 
 
+@computes_in_float32
 class Norm(Function):
     def forward(self, a, axis, keepdims: bool, p: float):
         """(...) -> (...) with `axis` removed (or kept as size 1): (sum |a|^p)^(1/p), max|a|, min|a| or count(a != 0)"""
@@ -239,9 +248,12 @@ def _correction(op: str, correction, unbiased, ddof) -> float:
 
 
 def _var_and_mean(op: str, a: Tensor, axis, dim, keepdims, keepdim, correction, unbiased, ddof):
+    """(variance, mean, a's dtype), the statistics in float32 at least: the callers round them once, to a's dtype."""
     _check_floating(op, a)
     correction = _correction(op, correction, unbiased, ddof)
     axes, keepdims = _reduction_axes(op, a, axis, dim, keepdims, keepdim)
+    dtype = a.dtype
+    a = cast(a, backend.compute_dtype(dtype))  # half precision: every step in float32, one rounding at the end
     kept_mean = a.mean(axis=axes, keepdims=True)
     centered = a - kept_mean
     # With no more elements than the correction there is no estimate: PyTorch divides by max(0, N - correction),
@@ -249,7 +261,8 @@ def _var_and_mean(op: str, a: Tensor, axis, dim, keepdims, keepdim, correction, 
     count = _reduced_count(a.shape, axes)
     degrees_of_freedom = count - correction if count > correction else 0
     variance = (centered * centered).sum(axis=axes, keepdims=keepdims) / degrees_of_freedom
-    return variance, kept_mean if keepdims else reshape(kept_mean, _reduced_shape(a.shape, axes, keepdims))
+    mean_ = kept_mean if keepdims else reshape(kept_mean, _reduced_shape(a.shape, axes, keepdims))
+    return variance, mean_, dtype
 
 
 def var(a: Tensor, axis=None, keepdims=None, *, dim=None, keepdim=None, correction=None, unbiased=None,
@@ -259,26 +272,29 @@ def var(a: Tensor, axis=None, keepdims=None, *, dim=None, keepdim=None, correcti
     The default correction is 1 (PyTorch's unbiased estimate); pass `correction=0`, `unbiased=False` or `ddof=0` for
     NumPy's default. N <= correction gives inf (nan if all elements are equal, or over an empty axis), as in PyTorch.
     """
-    return _var_and_mean("var", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)[0]
+    variance, _, dtype = _var_and_mean("var", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)
+    return cast(variance, dtype)
 
 
 def std(a: Tensor, axis=None, keepdims=None, *, dim=None, keepdim=None, correction=None, unbiased=None,
         ddof=None) -> Tensor:
     """Standard deviation: the square root of var (same arguments)."""
-    return sqrt(_var_and_mean("std", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)[0])
+    variance, _, dtype = _var_and_mean("std", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)
+    return cast(sqrt(variance), dtype)
 
 
 def var_mean(a: Tensor, axis=None, keepdims=None, *, dim=None, keepdim=None, correction=None, unbiased=None,
              ddof=None) -> tuple[Tensor, Tensor]:
     """(var, mean) over the same axes, sharing the mean's computation, as torch.var_mean."""
-    return _var_and_mean("var_mean", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)
+    variance, mean_, dtype = _var_and_mean("var_mean", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)
+    return cast(variance, dtype), cast(mean_, dtype)
 
 
 def std_mean(a: Tensor, axis=None, keepdims=None, *, dim=None, keepdim=None, correction=None, unbiased=None,
              ddof=None) -> tuple[Tensor, Tensor]:
     """(std, mean) over the same axes, as torch.std_mean."""
-    variance, mean_ = _var_and_mean("std_mean", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)
-    return sqrt(variance), mean_
+    variance, mean_, dtype = _var_and_mean("std_mean", a, axis, dim, keepdims, keepdim, correction, unbiased, ddof)
+    return cast(sqrt(variance), dtype), cast(mean_, dtype)
 
 
 def _index_of_extreme(op: str, a: Tensor, axis, dim, keepdims, keepdim) -> Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import floating
+from .common import computes_in_float32, floating
 from .reduction import accumulator_dtype
 from .indexing import Gather
 from .sorting import ValuesIndices, along_dim, single_dim
@@ -51,6 +51,7 @@ def _compose_affine(earlier, later):
     return later_factor * earlier_factor, later_factor * earlier_offset + later_offset
 
 
+@computes_in_float32
 class CumSum(Function):
     def forward(self, a, axis: int):
         """(...) -> (...): running sums along `axis`"""
@@ -61,6 +62,7 @@ class CumSum(Function):
         return _reverse_cumsum(grad, self.axis)
 
 
+@computes_in_float32
 class CumProd(Function):
     def forward(self, a, axis: int):
         """(...) -> (...): running products along `axis`"""
@@ -82,6 +84,7 @@ class CumProd(Function):
         return xp.moveaxis(product_before * xp.flip(suffix, -1), -1, self.axis)
 
 
+@computes_in_float32
 class LogCumSumExp(Function):
     def forward(self, a, axis: int):
         """(...) -> (...): log(cumsum(exp(a))) along `axis`, without overflow"""

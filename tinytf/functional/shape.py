@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, SliceGrad, Tensor
-from .common import canonical_axes, sum_to
+from .common import canonical_axes, scatter_added, sum_to
 
 
 class Reshape(Function):
@@ -52,9 +52,7 @@ class GetItem(Function):
         if not _is_advanced(self.index):
             return SliceGrad(self.index, grad, self.input_shape)  # the engine places it
         # An index array may name one element several times; each occurrence adds its gradient.
-        full = backend.get_array_module(grad).zeros(self.input_shape, dtype=grad.dtype)
-        backend.get_array_module(grad).add.at(full, self.index, grad)
-        return full
+        return scatter_added(self.input_shape, self.index, grad)
 
 
 class Concatenate(Function):

@@ -20,8 +20,10 @@ onto tinytf's names as follows (per block i, in `transformer.h.{i}` / `model.lay
 GPT-2 keeps its block weights as Conv1D, (in, out): they are transposed to tinytf's (out, in). tinytf fuses Llama's
 q/k/v projections into one matrix, rows [q heads | k heads | v heads], the order GPT-2's c_attn has too.
 
-Everything is read without torch: the safetensors header is JSON, and bfloat16 is widened to float32 bitwise.
-No network access ever: a path that is not a local folder is an error.
+Everything is read without torch: the safetensors header is JSON, and BF16 tensors are ml_dtypes.bfloat16 arrays.
+Weights load in float32 by default, or in the dtype asked for (a bfloat16 checkpoint loaded as bfloat16 is never
+widened); a half-precision model saves its tensors as F16 / BF16. No network access ever: a path that is not a local
+folder is an error.
 """
 
 from __future__ import annotations
@@ -195,13 +197,18 @@ _FAMILIES = {
 
 
 # --- loading ----------------------------------------------------------------------------------------------------------
-def from_pretrained(path, device: str = "cpu") -> GPT:
-    """A GPT-2 or Llama model from a local Hugging Face folder, in float32, in eval mode, on `device`.
+def from_pretrained(path, device: str = "cpu", dtype=None) -> GPT:
+    """A GPT-2 or Llama model from a local Hugging Face folder, in eval mode, on `device`.
 
+    dtype: the parameters' floating dtype, float32 by default (None); tinytf.bfloat16 or tinytf.float16 (or their
+    names) load half-precision weights as they are stored, without widening; "auto" takes the checkpoint's own
+    (config.json's "dtype" or "torch_dtype", as transformers writes it, else float32).
     Raises CheckpointError naming the file and the problem: not a local folder, a missing or malformed file, an
     unsupported setting (with its key and value), or tensors that do not fit the config (all of them listed).
     """
     device = backend.check_device(device)  # before any file is read
+    if dtype is not None and dtype != "auto":
+        dtype = _floating_dtype(dtype)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(
@@ -217,11 +224,34 @@ def from_pretrained(path, device: str = "cpu") -> GPT:
             f"{folder / CONFIG_FILE}: model_type={model_type!r} is not supported; tinytf loads {', '.join(_FAMILIES)}"
         )
     family = _FAMILIES[model_type]
-    config = _read_config(_Settings(hf_config, folder / CONFIG_FILE), family)
-    with skip_init():  # every parameter is loaded below
-        model = GPT(config)
+    settings = _Settings(hf_config, folder / CONFIG_FILE)
+    config = _read_config(settings, family)
+    if dtype == "auto":
+        dtype = _checkpoint_dtype(settings)
+    # Every parameter is loaded below; the uninitialized ones only give load_state_dict their dtype (casting their
+    # garbage may overflow: no warning for that).
+    with skip_init(), np.errstate(over="ignore", invalid="ignore"):
+        model = GPT(config).to(dtype or backend.DEFAULT_DTYPE)
+    # load_state_dict converts each tensor to its parameter's dtype: no conversion when they are the same.
     model.load_state_dict(_to_tinytf(_read_weights(folder), model, family, folder))
     return model.to(device).eval()
+
+
+def _floating_dtype(dtype) -> np.dtype:
+    """`dtype` as a floating np.dtype, or a ValueError."""
+    dtype = backend.as_dtype(dtype)
+    if not backend.is_floating(dtype):
+        raise ValueError(f"from_pretrained: dtype must be a floating dtype or 'auto', got {dtype}")
+    return dtype
+
+
+def _checkpoint_dtype(settings: _Settings) -> np.dtype:
+    """The dtype config.json says the weights have ("dtype" in transformers 5, "torch_dtype" before), else float32."""
+    name = settings.get("dtype", None) or settings.get("torch_dtype", None) or "float32"
+    try:
+        return _floating_dtype(name)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{settings.path}: dtype {name!r} is not a floating dtype tinytf knows") from None
 
 
 def _read_config(settings: _Settings, family: _Family) -> GPTConfig:
@@ -237,7 +267,7 @@ def _read_config(settings: _Settings, family: _Family) -> GPTConfig:
 
 
 def _read_weights(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's safetensors file(s), as float32."""
+    """Every tensor of the folder's safetensors file(s), in its stored dtype."""
     if (folder / WEIGHTS_FILE).exists():
         return _read_safetensors(folder / WEIGHTS_FILE)
     if (folder / INDEX_FILE).exists():
@@ -258,13 +288,13 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(message)
 
 
-# NumPy has no bfloat16: its tensors are read as the raw 16 bits.
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of one safetensors file as float32. The format: an 8-byte little-endian header size, a JSON header
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}} and the raw data, offsets counted from the data's start."""
+    """The tensors of one safetensors file, each in its stored dtype. The format: an 8-byte little-endian header
+    size, a JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}} and the raw data, offsets counted
+    from the data's start."""
     try:
         with open(path, "rb") as file:
             header_size = int.from_bytes(file.read(8), "little")
@@ -279,7 +309,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     data_start = 8 + header_size
-    # Mapped rather than read: float32 tensors stay views of the file until load_state_dict copies them.
+    # Mapped rather than read: the tensors stay views of the file until load_state_dict copies them.
     data = np.memmap(path, np.uint8, "r", data_start) if path.stat().st_size > data_start else np.empty(0, np.uint8)
     return {name: _tensor(data, path, name, entry) for name, entry in header.items()}
 
@@ -291,13 +321,10 @@ def _tensor(data: np.ndarray, path: Path, name: str, entry) -> np.ndarray:
         raise CheckpointError(f"{path}: the header entry of {name!r} is malformed: {entry!r:.200}") from None
     if dtype_name not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: {name!r} has dtype {dtype_name}; tinytf loads {', '.join(_SAFETENSORS_DTYPES)}")
-    dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name]).newbyteorder("<")
+    dtype = backend.as_dtype(_SAFETENSORS_DTYPES[dtype_name]).newbyteorder("<")
     if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data.size:
         raise CheckpointError(f"{path}: {name!r} does not fit the file (truncated or corrupt)")
-    raw = data[begin:end].view(dtype).reshape(shape)
-    if dtype_name == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)  # a bfloat16 is a float32's upper 16 bits
-    return raw.astype(np.float32, copy=False)
+    return data[begin:end].view(dtype).reshape(shape)
 
 
 def _to_tinytf(tensors: dict[str, np.ndarray], model: GPT, family: _Family, folder: Path) -> dict[str, np.ndarray]:
@@ -376,7 +403,8 @@ def _links(model: GPT, family: _Family, prefix: str) -> list[_Link]:
 # --- saving -----------------------------------------------------------------------------------------------------------
 def save_pretrained(model: GPT, path) -> Path:
     """Write `config.json` and `model.safetensors` into the folder `path` (created if needed), in the layout that
-    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Returns the folder.
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads, each tensor in the model's dtype (bfloat16 as
+    safetensors "BF16"). Returns the folder.
 
     The two files replace the folder's old ones together: a crash at any moment leaves the old model or the new one,
     never the new weights under the old config (see `tinytf.checkpoint.replace_folder_contents`)."""
@@ -390,6 +418,8 @@ def save_pretrained(model: GPT, path) -> Path:
         # Token ids belong to a tokenizer, which tinytf does not save. Unset, generate() stops only at its length
         # (transformers' defaults, such as Llama's eos_token_id 2, would stop it at an arbitrary token).
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        # The weights' dtype, under transformers 5's key and 4's, for dtype="auto" loading.
+        "dtype": model.wte.weight.dtype.name, "torch_dtype": model.wte.weight.dtype.name,
     }
     state = model.state_dict()
     tensors = {}

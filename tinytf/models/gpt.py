@@ -166,11 +166,15 @@ class GPT(Module):
         return self.ln_f(x)
 
     def forward(self, idx, targets=None) -> tuple[Tensor, Tensor | None]:
-        """Token ids (B, T) -> logits (B, T, vocab_size), and the mean cross-entropy against `targets` (B, T)."""
+        """Token ids (B, T) -> logits (B, T, vocab_size) in the model's dtype, and the mean cross-entropy against
+        `targets` (B, T) in float32 at least."""
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # classes last
+        # A half-precision model's loss is float32, as under PyTorch's autocast (cross_entropy is on its float32
+        # list): bfloat16 would round a loss near 2 to steps of 1/128, and float16 loss scaling would overflow.
+        logits_float = F.cast(logits, backend.compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])  # classes last
+        return logits, F.cross_entropy(logits_float, targets.reshape(-1))
 
     # --- generation ---------------------------------------------------------------------------------------------
     def make_kv_caches(self, batch_size: int) -> list[KVCache]:

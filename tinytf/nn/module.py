@@ -118,17 +118,41 @@ class Module:
         for parameter in self.parameters():
             parameter.grad = None
 
-    def to(self, device) -> Module:
-        """Move every parameter (with its gradient) and buffer to `device`, in place; returns self."""
-        device = backend.check_device(device)
+    def to(self, device=None, dtype=None) -> Module:
+        """Move every parameter (with its gradient) and buffer to `device`, and/or cast the floating ones to the
+        floating `dtype`, in place; returns self. Like PyTorch: `to("cuda")`, `to(tinytf.bfloat16)`,
+        `to("cuda", tinytf.bfloat16)`; integer and bool buffers keep their dtype."""
+        if dtype is None and device is not None and not backend.is_device_name(device):
+            device, dtype = None, device
+        device = None if device is None else backend.check_device(device)
+        if dtype is not None:
+            dtype = backend.as_dtype(dtype)
+            if not backend.is_floating(dtype):
+                raise TypeError(f"Module.to: dtype must be floating (parameters carry gradients), got {dtype}")
         for module in self.modules():
             for parameter in module._parameters.values():
-                parameter.data = backend.to_device(parameter.data, device)
+                parameter.data = _moved(parameter.data, device, dtype)
                 if parameter.grad is not None:
-                    parameter.grad = backend.to_device(parameter.grad, device)
+                    parameter.grad = _moved(parameter.grad, device, dtype)
             for name, buffer in list(module._buffers.items()):
-                module.register_buffer(name, backend.to_device(buffer, device), name in module._persistent_buffers)
+                module.register_buffer(name, _moved(buffer, device, dtype), name in module._persistent_buffers)
         return self
+
+    def half(self) -> Module:
+        """Cast floating parameters and buffers to float16, in place."""
+        return self.to(dtype=backend.FLOAT16)
+
+    def bfloat16(self) -> Module:
+        """Cast floating parameters and buffers to bfloat16, in place."""
+        return self.to(dtype=backend.BFLOAT16)
+
+    def float(self) -> Module:
+        """Cast floating parameters and buffers to float32, in place."""
+        return self.to(dtype=backend.DEFAULT_DTYPE)
+
+    def double(self) -> Module:
+        """Cast floating parameters and buffers to float64, in place."""
+        return self.to(dtype=np.float64)
 
     # --- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -152,9 +176,9 @@ class Module:
         missing = [name for name in own if name not in state]
         unexpected = [name for name in state if name not in own]
         misshaped = [
-            f"{name}: checkpoint {tuple(np.shape(state[name]))}, model {tuple(own[name].shape)}"
+            f"{name}: checkpoint {_shape_of(state[name])}, model {tuple(own[name].shape)}"
             for name in own
-            if name in state and tuple(np.shape(state[name])) != tuple(own[name].shape)
+            if name in state and _shape_of(state[name]) != tuple(own[name].shape)
         ]
         if misshaped or (strict and (missing or unexpected)):
             problems = []
@@ -184,6 +208,21 @@ class Module:
             child = repr(module).replace("\n", "\n  ")
             lines.append(f"  ({name}): {child}")
         return "\n".join(lines) + ("\n)" if self._modules else ")")
+
+
+def _moved(array, device: str | None, dtype):
+    """`array` on `device` (None: where it is), cast to `dtype` if it is floating (None: keep its dtype)."""
+    if device is not None:
+        array = backend.to_device(array, device)
+    if dtype is not None and backend.is_floating(array.dtype) and array.dtype != dtype:
+        with backend.device_scope(backend.device_of(array)):  # CuPy casts on its current device
+            array = array.astype(dtype)
+    return array
+
+
+def _shape_of(value) -> tuple[int, ...]:
+    """The shape of an array of any device, a Tensor or nested lists (np.shape would pull a GPU array to the host)."""
+    return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
 
 
 def _converted(value, like):

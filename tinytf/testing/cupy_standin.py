@@ -11,6 +11,9 @@ and compute with NumPy, but they are not NumPy arrays, and they refuse what CuPy
 - arrays of two devices in one operation raise ValueError; so does an operation on arrays of a device other than
   the current one (`with cupy.cuda.Device(i):` changes it), as CuPy does without peer access;
 - reductions give 0-d arrays, not NumPy scalars;
+- bfloat16 (ml_dtypes) arrays work where CuPy 14's "minimal support for bfloat16" works, and fail where its
+  follow-up issue (cupy#9630, and cupy#10317 for matmul) lists gaps: batched matmul (an operand with more than two
+  dimensions), the rounding functions (around, round), divmod, and ufunc.at scatters;
 - RawModule / RawKernel launches run the unchanged .cu source through tinytf.kernels.emulator, checking every
   argument against the kernel's parameter types (a Python int or float is an error, as it is wrong on a GPU).
 It does no maths of its own: every result is NumPy's. It has only names real CuPy has, and it records every name
@@ -352,6 +355,7 @@ def _binary(name: str, reflected: bool = False, in_place: bool = False):
         if not isinstance(other, (ndarray, _np.ndarray, _np.generic, int, float, complex, bool)):
             return NotImplemented
         device = _operand_device((self, other))
+        _check_bfloat16_support(name, (self, other))
         left, right = (other, self) if reflected else (self, other)
         result = getattr(_np, name)(_unwrap(left), _unwrap(right), **({"out": self._array} if in_place else {}))
         return self if in_place else _wrap(result, device)
@@ -394,6 +398,28 @@ class _Flags:
 
     def __getitem__(self, name: str) -> bool:
         return {"C_CONTIGUOUS": self.c_contiguous, "F_CONTIGUOUS": self.f_contiguous, "OWNDATA": self.owndata}[name]
+
+
+# --- bfloat16: what CuPy 14 cannot do yet ----------------------------------------------------------------------
+
+_BFLOAT16_MATMULS = frozenset({"matmul", "dot", "ndarray.dot", "tensordot", "einsum", "inner"})
+_BFLOAT16_MISSING = frozenset({"around", "round", "round_", "ndarray.round", "divmod", "at"})
+
+
+def _check_bfloat16_support(name: str, operands) -> None:
+    """A TypeError where CuPy 14 has no bfloat16 kernel: batched matmul (2-D ones go to cuBLAS), the rounding
+    functions, divmod and ufunc.at (bfloat16 follow-ups, cupy#9630 and cupy#10317)."""
+    if name not in _BFLOAT16_MATMULS and name.rpartition(".")[2] not in _BFLOAT16_MISSING:
+        return
+    arrays = [value for value in _flat([operands]) if isinstance(value, ndarray)]
+    if not any(array.dtype.name == "bfloat16" for array in arrays):  # an ml_dtypes.bfloat16 array
+        return
+    if name in _BFLOAT16_MATMULS:
+        if all(array.ndim <= 2 for array in arrays):
+            return
+        raise TypeError(f"cupy.{name}: batched bfloat16 matmul is not supported in CuPy 14 (operand shapes "
+                        f"{[array.shape for array in arrays]}); cast to float32 first")
+    raise TypeError(f"cupy.{name}: no bfloat16 kernel in CuPy 14; cast to float32 first")
 
 
 # --- moving operands in and results out ------------------------------------------------------------------------
@@ -485,6 +511,7 @@ def _wrapped_call(function, name: str, bound_to: ndarray | None = None):
             if isinstance(viewed, ndarray) and all(_is_view_of(view, viewed) for view in views):
                 return _wrap(result, viewed._device_id)
         device = _operand_device((bound_to, args, kwargs))
+        _check_bfloat16_support(name, (bound_to, args, kwargs))
         result = function(*_unwrap(args), **_unwrap(kwargs))
         out = kwargs.get("out")
         if isinstance(out, ndarray) and result is out._array:
@@ -518,6 +545,7 @@ class ufunc:
     def _at(self, a, indices, b=None) -> None:
         """ufunc.at(a, indices, b): the indices as an index (CuPy copies NumPy index arrays over)."""
         _operand_device((a, _host_arrays_dropped(indices), b))
+        _check_bfloat16_support(f"{self.name}.at", (a, b))
         self._ufunc.at(_unwrap(a), _unwrap(indices), *(() if b is None else (_unwrap(b),)))
 
 

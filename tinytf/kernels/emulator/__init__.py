@@ -7,16 +7,18 @@
 The calls have the shape of cupy.RawModule and cupy.RawKernel, with NumPy arrays where CuPy takes device arrays, so a
 launcher can run on either. A launch also checks what a GPU would accept silently:
 - every argument against the kernel's parameter type: numpy.int32 for `int`, numpy.float32 for `float` (CuPy passes a
-  Python int as 64 bits and a Python float as a double, which the kernel would misread), arrays of the pointee's dtype,
-  C-contiguous, and writable behind a non-const pointer;
-- writes past either end of an array: each array is copied between guard zones (NaN for floats, 0xAB bytes
-  otherwise) that must come back untouched. Reads of a float guard bring NaN into the results.
+  Python int as 64 bits and a Python float as a double, which the kernel would misread), arrays of the pointee's dtype
+  (numpy.float16 for `__half`, ml_dtypes.bfloat16 for `__nv_bfloat16`), C-contiguous, and writable behind a non-const
+  pointer;
+- writes past either end of an array: each array is copied between guard zones (NaN for floating-point types, 0xAB
+  bytes otherwise) that must come back untouched. Reads of a floating-point guard bring NaN into the results.
 - with poison_outputs=True, elements a kernel forgets to write: arrays behind non-const pointers reach the kernel
   filled with NaN (0xAB bytes for integers) instead of their contents. Only for kernels that never read their outputs.
 How the threads are scheduled, and what is reported with file and line, is described in cuda_emulator.h.
 
 Builds are cached in $TINYTF_CACHE_DIR/cuda_emulator (default ~/.cache/tinytf/cuda_emulator), keyed by the source,
-the header, the options and the compiler, so only the first launch of a variant waits for g++ (a few seconds).
+the headers it includes with `#include "..."`, the emulator's header, the options and the compiler, so only the
+first launch of a variant waits for g++ (a few seconds).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 HEADER = Path(__file__).with_name("cuda_emulator.h")
@@ -49,7 +52,11 @@ _NUMPY_TYPES = {
     "unsigned int": np.uint32,
     "long long": np.int64,
     "unsigned long long": np.uint64,
+    "__half": np.float16,
+    "__nv_bfloat16": ml_dtypes.bfloat16,
 }
+_FLOATING_TYPES = {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64)}
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
 _KERNEL_PATTERN = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
 
 
@@ -87,7 +94,9 @@ class EmulatedModule:
             raise EmulatorBuildError(f'{self.path}: no extern "C" __global__ kernels found')
         self._parameter_names = {name: _parameter_names(source, name) for name in self.kernel_names}
         defines = tuple(option for option in options if option.startswith(("-D", "-U", "-I")))
-        self._library = _load(_build(self.path, source, self.kernel_names, defines))
+        include_dirs = [self.path.parent] + [Path(option[2:]) for option in defines if option.startswith("-I")]
+        headers = _local_headers(source, include_dirs)
+        self._library = _load(_build(self.path, source, headers, self.kernel_names, defines))
         self.schedule, self.seed, self.poison_outputs = schedule, seed, poison_outputs
         usable_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.workers = workers or min(usable_cpus, 8)
@@ -182,7 +191,7 @@ class EmulatedKernel:
 
 
 def _fill_guard(guard: np.ndarray) -> None:
-    if guard.dtype.kind == "f":
+    if guard.dtype in _FLOATING_TYPES:
         guard.fill(np.nan)
     else:
         guard.view(np.uint8).fill(0xAB)
@@ -215,14 +224,29 @@ def _compiler() -> tuple[str, str]:
     return compiler, version
 
 
-def _build(path: Path, source: str, kernel_names: list[str], defines: tuple[str, ...]) -> Path:
+def _local_headers(source: str, include_dirs: list[Path], seen: dict[Path, str] | None = None) -> dict[Path, str]:
+    """{path: text} of every header `source` includes with #include "..." (found as g++ would), recursively."""
+    seen = {} if seen is None else seen
+    for name in _LOCAL_INCLUDE.findall(source):
+        found = next((directory / name for directory in include_dirs if (directory / name).is_file()), None)
+        if found is not None and found.resolve() not in seen:
+            text = found.read_text()
+            seen[found.resolve()] = text
+            _local_headers(text, [found.parent, *include_dirs], seen)
+    return seen
+
+
+def _build(path: Path, source: str, headers: dict[Path, str], kernel_names: list[str],
+           defines: tuple[str, ...]) -> Path:
     compiler, version = _compiler()
     unit = "\n".join(
         [f'#include "{HEADER}"', f'#include "{path}"']
         + [f"TINYTF_EMULATOR_EXPORT({name})" for name in kernel_names]
     ) + "\n"
     flags = (*CXXFLAGS, *defines)
-    key = hashlib.sha256("\0".join([unit, source, HEADER.read_text(), *flags, version]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        "\0".join([unit, source, *headers.values(), HEADER.read_text(), *flags, version]).encode()
+    ).hexdigest()[:20]
     directory = cache_dir()
     library = directory / f"{path.stem}-{key}.so"
     if library.exists():

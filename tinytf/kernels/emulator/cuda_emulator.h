@@ -12,11 +12,27 @@
 //   - Checked, and reported with the file and line of the CUDA call: a __syncthreads that only part of a block
 //     reaches (some threads exited or wait at another __syncthreads), a *_sync mask that leaves out the calling lane,
 //     lanes of one mask waiting with different masks or having exited, and shuffles that read a lane outside the mask.
+//   - Tensor cores (through tinytf/kernels/tensor_core.cuh, which has an emulated side for each of its PTX
+//     instructions): mma.sync and ldmatrix are warp collectives that every lane must reach at the same call (.aligned);
+//     a lane that exited or waits elsewhere is reported. A cp.async copy lands in shared memory, under lockstep, only
+//     when the issuing thread's cp.async.wait_group retires its group, so reading a tile before the wait reads stale
+//     data; under the one-warp-at-a-time schedules at once, so refilling a buffer before the barrier that frees it
+//     overwrites data other warps have yet to read. A thread that exits with copies it never waited for is reported.
+//     Misaligned ldmatrix rows and cp.async addresses too.
+//   - __half, __nv_bfloat16 and their pairs, with the CUDA conversions, rounding to nearest even as the GPU's
+//     cvt.rn.{f16,bf16}.f32 do; a NaN becomes the canonical NaN 0x7fff, as in the host code of CUDA's cuda_fp16.hpp
+//     and cuda_bf16.hpp (NumPy and ml_dtypes keep the payload instead).
 // Not modelled: the memory model (fibers see each other's writes at once), timing, bank conflicts, the precision of
-// fast intrinsics such as __expf, dynamic shared memory, half-precision types, and inline PTX.
+// fast intrinsics such as __expf, dynamic shared memory, inline PTX other than tensor_core.cuh's, the tensor cores'
+// internal rounding of partial sums (the emulated mma rounds once), arithmetic operators on __half/__nv_bfloat16, and
+// -ftz=true: the GPU build flushes float32 subnormals to zero in ordinary float arithmetic, the emulator does not (the
+// conversions and mma are inline PTX, which -ftz does not change, so they agree).
 //
 // tinytf.kernels.emulator builds a kernel file against this header and calls it through ctypes.
 #pragma once
+
+// Kernels and tensor_core.cuh pick their emulated side with this.
+#define TINYTF_CUDA_EMULATOR 1
 
 #if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
 #define _XOPEN_SOURCE 700  // macOS declares the ucontext functions only for XSI sources
@@ -48,6 +64,127 @@ struct dim3 {
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using uint3 = dim3;
+
+// ---- vector and half-precision types ----------------------------------------------------------------------------
+// The vector types with CUDA's alignment (a float4 or uint4 load is one 16-byte access on a GPU).
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+namespace tinytf_emulator {
+
+inline uint32_t float_bits(float value) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+inline float bits_float(uint32_t bits) {
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+// Drops the low `shift` bits of `bits` (1 to 31 of them), rounding to nearest, ties to even.
+inline uint32_t shift_right_rounding_to_even(uint32_t bits, int shift) {
+    const uint32_t kept = bits >> shift, rest = bits & ((1u << shift) - 1), half = 1u << (shift - 1);
+    return kept + (rest > half || (rest == half && (kept & 1u)));
+}
+
+// float -> IEEE binary16, as cvt.rn.f16.f32: nearest even, overflow to infinity, subnormals kept, NaN 0x7fff.
+inline uint16_t float_to_half_bits(float value) {
+    const uint32_t bits = float_bits(value), sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return 0x7fffu;
+    if (magnitude >= 0x477ff000u) return sign | 0x7c00u;  // at least 65520, halfway past the largest half (65504)
+    if (magnitude >= 0x38800000u)                         // at least 2^-14: a normal half; a carry bumps the exponent
+        return sign | shift_right_rounding_to_even(magnitude - (112u << 23), 13);
+    if (magnitude < 0x33000000u) return sign;  // below 2^-25, half of the smallest subnormal half: rounds to zero
+    // A subnormal half counts units of 2^-24: the significand (with its implicit bit) shifted by 126 - exponent.
+    const uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
+    return sign | shift_right_rounding_to_even(significand, 126 - static_cast<int>(magnitude >> 23));
+}
+
+// IEEE binary16 -> float: exact (a NaN keeps its sign and payload).
+inline float half_bits_to_float(uint16_t half) {
+    const uint32_t sign = (half & 0x8000u) << 16, exponent = (half >> 10) & 0x1fu, significand = half & 0x3ffu;
+    if (exponent == 0x1f) return bits_float(sign | 0x7f800000u | significand << 13);
+    if (exponent == 0) {
+        const float magnitude = std::ldexp(static_cast<float>(significand), -24);
+        return sign ? -magnitude : magnitude;
+    }
+    return bits_float(sign | (exponent + 112u) << 23 | significand << 13);
+}
+
+// float -> bfloat16, as cvt.rn.bf16.f32: the top 16 bits rounded to nearest even (overflow to infinity falls out of
+// the carry), NaN 0x7fff.
+inline uint16_t float_to_bfloat16_bits(float value) {
+    const uint32_t bits = float_bits(value);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float bfloat16_bits_to_float(uint16_t bfloat16) { return bits_float(static_cast<uint32_t>(bfloat16) << 16); }
+
+}  // namespace tinytf_emulator
+
+// As in CUDA: converted from and to float implicitly, rounding to nearest even. No arithmetic operators: kernels
+// convert to float, which is what tinytf's kernels do, so the emulator need not model half-precision arithmetic.
+struct alignas(2) __half {
+    uint16_t __x;
+    __half() = default;
+    __half(float value) : __x(tinytf_emulator::float_to_half_bits(value)) {}
+    operator float() const { return tinytf_emulator::half_bits_to_float(__x); }
+};
+
+struct alignas(2) __nv_bfloat16 {
+    uint16_t __x;
+    __nv_bfloat16() = default;
+    __nv_bfloat16(float value) : __x(tinytf_emulator::float_to_bfloat16_bits(value)) {}
+    operator float() const { return tinytf_emulator::bfloat16_bits_to_float(__x); }
+};
+
+struct alignas(4) __half2 { __half x, y; };             // x in the low 16 bits, as on a GPU
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+
+inline __half __float2half_rn(float value) { return __half(value); }
+inline __half __float2half(float value) { return __half(value); }
+inline float __half2float(__half value) { return value; }
+inline __nv_bfloat16 __float2bfloat16_rn(float value) { return __nv_bfloat16(value); }
+inline __nv_bfloat16 __float2bfloat16(float value) { return __nv_bfloat16(value); }
+inline float __bfloat162float(__nv_bfloat16 value) { return value; }
+inline __half2 __floats2half2_rn(float low, float high) { return {__half(low), __half(high)}; }
+inline __half2 __float22half2_rn(float2 pair) { return __floats2half2_rn(pair.x, pair.y); }
+inline __half2 __float2half2_rn(float value) { return __floats2half2_rn(value, value); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float low, float high) {
+    return {__nv_bfloat16(low), __nv_bfloat16(high)};
+}
+inline __nv_bfloat162 __float22bfloat162_rn(float2 pair) { return __floats2bfloat162_rn(pair.x, pair.y); }
+inline __nv_bfloat162 __float2bfloat162_rn(float value) { return __floats2bfloat162_rn(value, value); }
+inline float2 __half22float2(__half2 pair) { return {pair.x, pair.y}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 pair) { return {pair.x, pair.y}; }
+inline float __low2float(__half2 pair) { return pair.x; }
+inline float __high2float(__half2 pair) { return pair.y; }
+inline float __low2float(__nv_bfloat162 pair) { return pair.x; }
+inline float __high2float(__nv_bfloat162 pair) { return pair.y; }
+inline __half __low2half(__half2 pair) { return pair.x; }
+inline __half __high2half(__half2 pair) { return pair.y; }
+inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 pair) { return pair.x; }
+inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 pair) { return pair.y; }
+inline __half2 __halves2half2(__half low, __half high) { return {low, high}; }
+inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 low, __nv_bfloat16 high) { return {low, high}; }
+inline unsigned short __half_as_ushort(__half value) { return value.__x; }
+inline __half __ushort_as_half(unsigned short bits) { __half value; value.__x = bits; return value; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 value) { return value.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { __nv_bfloat16 value; value.__x = bits; return value; }
 
 namespace tinytf_emulator {
 
@@ -152,6 +289,16 @@ struct Site {
     bool operator==(const Site& other) const { return line == other.line && std::strcmp(file, other.file) == 0; }
 };
 
+// A cp.async copy: its 16 source bytes, read when issued, land in shared memory at issue or when its group is retired
+// (see async_copy_16).
+struct AsyncCopy {
+    void* shared;
+    unsigned char bytes[16];
+    long group;  // the commit that closes its group: the thread's async_groups_committed when issued
+    Site site;
+    bool landed;
+};
+
 struct Thread {
     Context context;
     dim3 index;
@@ -160,6 +307,9 @@ struct Thread {
     unsigned mask = 0;            // the *_sync mask it waits with
     uint64_t shuffle_sent = 0;    // the value it offers to a shuffle
     uint64_t shuffle_seen = 0;    // shuffle_sent frozen when its warp barrier released, read by the other lanes
+    const char* aligned_instruction = nullptr;  // the .aligned collective it waits in (mma, ldmatrix), if any
+    std::vector<AsyncCopy> async_copies;        // cp.async copies issued and not yet landed, oldest first
+    long async_groups_committed = 0;            // cp.async.commit_group calls so far
 };
 
 // The kernel with its arguments bound: run(arguments) is one CUDA thread's whole execution.
@@ -223,6 +373,12 @@ inline void yield_to_scheduler() { switch_context(running_thread().context, curr
 
 inline void fiber_entry() {
     current->kernel.run(current->kernel.arguments);
+    const std::vector<AsyncCopy>& pending = running_thread().async_copies;
+    if (!pending.empty()) {
+        // On a GPU nobody could rely on these copies having landed: only the issuing thread can wait for them.
+        fail(pending.front().site, "the thread exits with " + std::to_string(pending.size()) +
+                                       " cp.async copies it never waited for (cp_async_wait<0>() lands them)");
+    }
     running_thread().wait = Wait::kExited;
     yield_to_scheduler();
     __builtin_unreachable();
@@ -235,7 +391,9 @@ inline void block_barrier(const char* file, int line) {
     yield_to_scheduler();
 }
 
-inline void warp_barrier(unsigned mask, const char* file, int line) {
+// aligned_instruction: the name of a .aligned warp collective (mma, ldmatrix), which every lane must reach at the same
+// call; nullptr for __syncwarp and shuffles, whose lanes may meet from different lines.
+inline void warp_barrier(unsigned mask, const char* file, int line, const char* aligned_instruction = nullptr) {
     const int lane = current->running % kWarpSize;
     if (!((mask >> lane) & 1u)) {
         fail({file, line}, "lane " + std::to_string(lane) + " passes mask " + hex(mask) +
@@ -245,6 +403,7 @@ inline void warp_barrier(unsigned mask, const char* file, int line) {
     me.wait = Wait::kWarpBarrier;
     me.site = {file, line};
     me.mask = mask;
+    me.aligned_instruction = aligned_instruction;
     yield_to_scheduler();
 }
 
@@ -282,8 +441,19 @@ inline bool release_warp_barriers(int warp) {
             }
             const Thread& peer = block.threads[first + other];
             if (peer.wait == Wait::kExited) {
-                set_error(where(waiter.site) + ": lane " + std::to_string(other) +
-                          " is in the mask but exited before reaching this *_sync call");
+                set_error(where(waiter.site) + ": lane " + std::to_string(other) + " is in the mask but exited before "
+                          "reaching this " + (waiter.aligned_instruction ? waiter.aligned_instruction : "*_sync call"));
+                return false;
+            }
+            if (peer.wait == Wait::kWarpBarrier && (waiter.aligned_instruction || peer.aligned_instruction) &&
+                !(peer.site == waiter.site && peer.aligned_instruction && waiter.aligned_instruction &&
+                  std::strcmp(peer.aligned_instruction, waiter.aligned_instruction) == 0)) {
+                auto call = [](const Thread& thread) {
+                    return std::string(thread.aligned_instruction ? thread.aligned_instruction : "a *_sync call") +
+                           " at " + where(thread.site);
+                };
+                set_error("lanes of warp " + std::to_string(warp) + " meet at different calls: " + call(waiter) +
+                          " and " + call(peer) + "; .aligned instructions need every lane of the warp at the same one");
                 return false;
             }
             if (peer.wait == Wait::kWarpBarrier && peer.mask != waiter.mask) {
@@ -386,6 +556,8 @@ inline void run_block(Block& block, const Stacks& stacks) {
     for (size_t i = 0; i < block.threads.size(); ++i) {
         Thread& thread = block.threads[i];
         thread.wait = Wait::kNothing;
+        thread.async_copies.clear();
+        thread.async_groups_committed = 0;
         make_context(thread.context, stacks.stack(static_cast<int>(i)), stacks.size(), fiber_entry);
     }
     const int warps = (static_cast<int>(block.threads.size()) + kWarpSize - 1) / kWarpSize;
@@ -513,6 +685,56 @@ inline unsigned ballot(unsigned mask, bool predicate, const char* file, int line
     return votes;
 }
 
+// ---- .aligned warp collectives: the emulated side of tensor_core.cuh's mma.sync and ldmatrix ----------------------
+// Every lane offers a pointer to its operands and waits; then each lane reads the operands of the others through
+// operands_of_lane(lane) inside compute(operands_of_lane), and waits again. The second barrier keeps every lane from
+// changing its operands, or the shared memory they point at, before all have read: on a GPU the instruction reads for
+// the whole warp at once.
+template <class Operands, class Compute>
+void aligned_warp_collective(const Operands& mine, const char* instruction, const char* file, int line,
+                             Compute compute) {
+    const Operands* offered = &mine;
+    std::memcpy(&running_thread().shuffle_sent, &offered, sizeof offered);
+    warp_barrier(kFullMask, file, line, instruction);
+    const int first = current->running - current->running % kWarpSize;
+    compute([first](int lane) -> const Operands& {
+        const Operands* operands;
+        std::memcpy(&operands, &current->threads[first + lane].shuffle_seen, sizeof operands);
+        return *operands;
+    });
+    warp_barrier(kFullMask, file, line, instruction);
+}
+
+// ---- cp.async: copies that land at issue or when their group is waited for ----------------------------------------
+// A GPU may land a copy at any moment between its issue and the wait that retires it; the schedules take the two
+// ends. Lockstep lands it at the wait, so a tile read before its wait is stale. The one-warp-at-a-time schedules land
+// it at issue, so a warp that refills a buffer before the barrier that says every warp is done reading it overwrites
+// what the other warps have yet to read.
+inline void async_copy_16(void* shared, const void* global, bool in_bounds, const Site& site) {
+    if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 || (in_bounds && reinterpret_cast<uintptr_t>(global) % 16 != 0))
+        fail(site, "cp.async of 16 bytes needs 16-byte aligned shared and global addresses");
+    Thread& me = running_thread();
+    AsyncCopy copy{shared, {}, me.async_groups_committed, site, current->schedule != Schedule::kLockstep};
+    if (in_bounds) std::memcpy(copy.bytes, global, sizeof copy.bytes);  // else: zero-filled, `global` not read
+    if (copy.landed) std::memcpy(shared, copy.bytes, sizeof copy.bytes);
+    me.async_copies.push_back(copy);
+}
+
+inline void async_commit() { ++running_thread().async_groups_committed; }
+
+// cp.async.wait_group pending: lands every copy but those of the `pending` most recently committed groups (and those
+// not yet committed, which no wait_group covers).
+inline void async_wait(int pending) {
+    Thread& me = running_thread();
+    const long last_landing = me.async_groups_committed - pending;  // groups numbered below this one land
+    std::vector<AsyncCopy> still_pending;
+    for (const AsyncCopy& copy : me.async_copies) {
+        if (copy.group >= last_landing) still_pending.push_back(copy);
+        else if (!copy.landed) std::memcpy(copy.shared, copy.bytes, sizeof copy.bytes);
+    }
+    me.async_copies.swap(still_pending);
+}
+
 inline unsigned sync_mask(unsigned mask = kFullMask) { return mask; }
 inline int shuffle_width(int width = kWarpSize) { return width; }
 
@@ -521,6 +743,8 @@ template <class T>
 const char* c_type_name() {
     using U = std::remove_cv_t<T>;
     if constexpr (std::is_same_v<U, float>) return "float";
+    else if constexpr (std::is_same_v<U, __half>) return "__half";
+    else if constexpr (std::is_same_v<U, __nv_bfloat16>) return "__nv_bfloat16";
     else if constexpr (std::is_same_v<U, double>) return "double";
     else if constexpr (std::is_same_v<U, bool>) return "bool";
     else if constexpr (std::is_same_v<U, char> || std::is_same_v<U, signed char>) return "signed char";
@@ -602,6 +826,7 @@ std::string launch_kernel(void (*kernel)(Params...), const unsigned* grid, const
 #define __noinline__
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+#define __align__(bytes) __attribute__((aligned(bytes)))
 #define __shared__ static thread_local
 #define __constant__ static
 
