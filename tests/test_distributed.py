@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from test_train import TINY  # the tiny model of the single-process CLI tests (its --batch-size is overridden below)
@@ -156,11 +157,6 @@ COLLECTIVES = textwrap.dedent("""
 """)
 
 
-@needs_mpi
-def test_all_reduce_broadcast_and_gradient_averaging_on_two_ranks():
-    job = run_ranks("-c", COLLECTIVES)
-    assert job.returncode == 0, job.stderr
-    assert job.stdout == "ok\n"
 
 
 @needs_mpi
@@ -314,3 +310,51 @@ NCCL_COLLECTIVES = textwrap.dedent("""
 def test_nccl_all_reduce_and_broadcast_on_two_gpus():
     job = run_ranks("-c", NCCL_COLLECTIVES)
     assert job.returncode == 0 and job.stdout == "ok\n", job.stderr
+
+
+# --- bfloat16 and float16 across ranks ---------------------------------------------------------------------------
+HALF_COLLECTIVES = textwrap.dedent("""
+    import ml_dtypes
+    import numpy as np
+    from tinytf import distributed
+    from tinytf.nn import Parameter
+
+    rank = distributed.rank()
+    # bfloat16 parameters broadcast bit for bit (as bytes: MPI has no bfloat16 type).
+    params = [Parameter(np.full((3, 2), 1.5 + rank, ml_dtypes.bfloat16)), Parameter(np.full(4, rank, np.float16))]
+    distributed.broadcast_parameters(params)
+    assert (params[0].data == 1.5).all() and (params[1].data == 0).all()
+    # 16-bit gradients are averaged in float32 and stay float32: 1 and 1 + 2^-7 (a bfloat16 ulp apart) average to
+    # 1 + 2^-8, which bfloat16 cannot hold.
+    params[0].grad = np.full((3, 2), 1 + 2.0**-7 * rank, ml_dtypes.bfloat16)
+    params[1].grad = np.full(4, 2.0**-24 * (rank + 1), np.float16)  # float16's smallest subnormal, and twice it
+    distributed.GradientAverager(params).average()
+    assert params[0].grad.dtype == params[1].grad.dtype == np.float32
+    np.testing.assert_array_equal(params[0].grad, np.full((3, 2), 1 + 2.0**-8, np.float32))
+    np.testing.assert_array_equal(params[1].grad, np.full(4, 1.5 * 2.0**-24, np.float32))
+    distributed.barrier()
+    if rank == 0:
+        print("ok")
+""")
+
+
+@needs_mpi
+@pytest.mark.parametrize("script", [COLLECTIVES, HALF_COLLECTIVES], ids=["float32", "bfloat16 and float16"])
+def test_all_reduce_broadcast_and_gradient_averaging_on_two_ranks(script):
+    """The collectives, in float32; and bfloat16/float16 parameters broadcast exactly, their gradients averaged in
+    float32 (MPI has no bfloat16)."""
+    job = run_ranks("-c", script)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout == "ok\n"
+
+
+@needs_mpi
+def test_two_ranks_train_in_bf16_and_resume_in_one_process(corpus, tmp_path):
+    out = tmp_path / "run"
+    job = run_ranks("-m", "tinytf.train", *_train_arguments(out, 3, 2, "--data", corpus, "--dtype", "bf16"))
+    assert job.returncode == 0, job.stderr
+    checkpoint = load_checkpoint(out)
+    assert {w.dtype for w in checkpoint.weights.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    assert checkpoint.meta["train_args"]["dtype"] == "bfloat16"
+    assert train_module.main(_train_arguments(out, 6, 4, "--resume")) == 0
+    assert load_checkpoint(out).meta["iteration"] == 5
