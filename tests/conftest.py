@@ -45,6 +45,21 @@ def device(request) -> str:
     return request.param
 
 
+NEEDS_INTEROP = "comparing with transformers needs the interop extra: pip install -e '.[interop]'"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """torch and transformers, imported once for the module (torch alone takes seconds)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")  # a test must never reach the Hub
+        torch = pytest.importorskip("torch", reason=NEEDS_INTEROP)
+        transformers = pytest.importorskip("transformers", reason=NEEDS_INTEROP)
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        yield torch, transformers
+
+
 _cupy_names_report: list[str] = []
 
 

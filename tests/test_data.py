@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -7,10 +8,13 @@ from tinytf.data import (
     MAX_VOCAB_SIZE,
     BatchSampler,
     CharTokenizer,
+    Corpus,
     TokenDataset,
     default_corpus,
     prepare_dataset,
+    prepare_shards,
     read_text,
+    token_dtype,
 )
 
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nJULIET:\nAy me! — ☃ 𝄞\n" * 20
@@ -118,7 +122,7 @@ def test_default_corpus_is_python_documentation_available_offline():
 # --- prepared datasets ------------------------------------------------------------------------------------------------
 def test_prepare_writes_uint16_splits_read_back_through_memmap(tmp_path):
     dataset = prepare_dataset(TEXT, tmp_path / "data")
-    train, val = dataset.splits["train"], dataset.splits["val"]
+    (train,), (val,) = dataset.splits["train"], dataset.splits["val"]  # one file per split
     assert isinstance(train, np.memmap) and train.dtype == np.uint16
     assert len(train) == int(len(TEXT) * 0.9) and len(train) + len(val) == len(TEXT)
     assert (tmp_path / "data" / "train.bin").stat().st_size == 2 * len(train)
@@ -126,13 +130,13 @@ def test_prepare_writes_uint16_splits_read_back_through_memmap(tmp_path):
 
     reopened = TokenDataset.open(tmp_path / "data")
     assert reopened.tokenizer.chars == dataset.tokenizer.chars
-    np.testing.assert_array_equal(reopened.splits["val"], val)
+    np.testing.assert_array_equal(reopened.splits["val"][0], val)
 
 
 def test_prepare_honours_train_fraction_and_a_given_tokenizer(tmp_path):
     tokenizer = CharTokenizer.from_text(TEXT + "XYZ")
     dataset = prepare_dataset(TEXT, tmp_path, train_fraction=0.5, tokenizer=tokenizer)
-    assert len(dataset.splits["train"]) == len(TEXT) // 2
+    assert dataset.token_counts["train"] == len(TEXT) // 2
     assert dataset.tokenizer.vocab_size == tokenizer.vocab_size
 
 
@@ -222,3 +226,150 @@ def test_sampler_errors_are_clear():
         sampler.get_batch("test")
     with pytest.raises(ValueError, match="sampler state has splits"):
         sampler.load_state_dict({"train": {}})
+
+
+# --- corpora streamed from disk ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bpe():
+    pytest.importorskip("tokenizers", reason="byte-level BPE is the tokenizers package's (the interop extra)")
+    from tinytf.tokenization import train_bpe
+
+    return train_bpe(iter([TEXT, "the quick brown fox jumps over the lazy dog\n" * 5]), 300)
+
+
+def _write_corpus_folder(folder):
+    """Three documents in two text files and a JSON-lines file, a hidden file that is skipped, in sorted order."""
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT, encoding="utf-8")
+    (folder / "b").mkdir()
+    (folder / "b" / "c.jsonl").write_text(json.dumps({"text": "the quick brown fox", "id": 1}) + "\n\n"
+                                          + json.dumps({"text": "jumps over 𝄞"}) + "\n", encoding="utf-8")
+    (folder / ".hidden.txt").write_text("never read")
+    return [TEXT, "the quick brown fox", "jumps over 𝄞"]
+
+
+def test_a_text_file_streams_in_pieces_that_join_to_its_text_and_encode_as_the_whole(tmp_path, bpe):
+    from tinytf.data import _text_file_pieces
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + (TEXT * 5).encode("utf-8"))  # a byte-order mark, and multi-byte characters
+    pieces = list(_text_file_pieces(path, piece_bytes=100))  # most reads cut a character in two
+    assert len(pieces) > 10 and "".join(pieces) == read_text(path)
+    encoded_in_pieces = np.concatenate([bpe.encode_ordinary(piece) for piece in pieces])
+    np.testing.assert_array_equal(encoded_in_pieces, bpe.encode_ordinary(read_text(path)))
+
+
+def test_streamed_errors_name_the_byte_and_line_as_read_text_does(tmp_path):
+    from tinytf.data import _text_file_pieces
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(("é\n" * 300).encode("utf-8") + "naïve".encode("latin-1"))
+    with pytest.raises(ValueError) as whole:
+        read_text(path)
+    with pytest.raises(ValueError) as streamed:
+        list(_text_file_pieces(path, piece_bytes=64))
+    assert str(streamed.value) == str(whole.value) and "line 301" in str(whole.value)
+
+
+def test_a_folder_yields_its_files_and_json_lines_as_documents(tmp_path):
+    documents = _write_corpus_folder(tmp_path / "corpus")
+    corpus = Corpus(tmp_path / "corpus")
+    pieces = list(corpus.pieces())
+    assert [text for text, _ in pieces] == documents and all(ends for _, ends in pieces)
+    expected = hashlib.sha256("\0".join(documents).encode("utf-8")).hexdigest()
+    assert corpus.sha256() == expected
+
+
+def test_a_single_file_hashes_as_its_text(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    assert Corpus(path).sha256() == hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
+
+
+def test_json_lines_errors_name_the_line_and_the_fields(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(ValueError, match=r"corpus.jsonl, line 2: no string field 'text' \(found \['body'\]\)"):
+        list(Corpus(path).pieces())
+    path.write_text(json.dumps({"body": "chosen", "text": 1}) + "\n")
+    assert [text for text, _ in Corpus(path, text_field="body").pieces()] == ["chosen"]
+    path.write_text("{broken\n")
+    with pytest.raises(ValueError, match="line 1: not JSON"):
+        list(Corpus(path).pieces())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        list(Corpus(tmp_path / "empty").pieces())
+
+
+# --- shards -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_and_manifest_equal_a_one_shot_encoding(tmp_path, bpe, workers):
+    documents = _write_corpus_folder(tmp_path / "corpus")
+    dataset = prepare_shards(Corpus(tmp_path / "corpus"), tmp_path / "data", bpe, workers=workers, shard_tokens=300,
+                             progress=False)
+    one_shot = np.concatenate([np.append(bpe.encode_ordinary(document), bpe.eot_id) for document in documents])
+    manifest = json.loads((tmp_path / "data" / "meta.json").read_text())
+    shard_files = sorted((tmp_path / "data").glob("shard-*.bin"))
+    assert [shard["file"] for shard in manifest["shards"]] == [path.name for path in shard_files]
+    assert len(shard_files) == -(-len(one_shot) // 300) and all(s["tokens"] == 300 for s in manifest["shards"][:-1])
+    written = np.concatenate([np.fromfile(path, dtype=np.uint16) for path in shard_files])
+    np.testing.assert_array_equal(written, one_shot)
+    assert (manifest["dtype"], manifest["documents"]) == ("uint16", 3)
+    assert manifest["characters"] == sum(map(len, documents))
+    train_tokens = int(len(one_shot) * 0.9)
+    assert manifest["tokens"] == {"train": train_tokens, "val": len(one_shot) - train_tokens}
+    np.testing.assert_array_equal(np.concatenate(dataset.splits["train"]), one_shot[:train_tokens])
+    np.testing.assert_array_equal(np.concatenate(dataset.splits["val"]), one_shot[train_tokens:])
+    assert TokenDataset.open(tmp_path / "data").tokenizer.to_dict() == bpe.to_dict()
+
+
+def test_vocabularies_beyond_uint16_are_stored_as_uint32(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tinytf.tokenization import HuggingFaceTokenizer
+
+    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
+    vocabulary = {f"w{i}": i for i in range(70_000)}
+    library = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="w0"))
+    library.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = HuggingFaceTokenizer(library, end_of_text="w69999")
+    (tmp_path / "corpus.txt").write_text("w65535 w65536 w7 " * 20 + "w69998")
+    dataset = prepare_shards(Corpus(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer, workers=1,
+                             progress=False)
+    ids = np.fromfile(tmp_path / "data" / "shard-00000.bin", dtype=np.uint32)
+    assert ids[:3].tolist() == [65_535, 65_536, 7] and ids[-2:].tolist() == [69_998, 69_999]
+    assert dataset.splits["train"][0].dtype == np.uint32 and dataset.manifest["dtype"] == "uint32"
+
+
+def test_a_damaged_shard_or_manifest_is_reported(tmp_path, bpe):
+    prepare_shards(Corpus(), tmp_path / "data", bpe, workers=1,
+                   shard_tokens=50_000, progress=False)
+    with open(tmp_path / "data" / "shard-00001.bin", "r+b") as file:
+        file.truncate(10)
+    with pytest.raises(ValueError, match=r"shard-00001.bin is missing or incomplete"):
+        TokenDataset.open(tmp_path / "data")
+    manifest = json.loads((tmp_path / "data" / "meta.json").read_text())
+    manifest["shards"][0]["file"] = "../elsewhere.bin"
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="meta.json is malformed"):
+        TokenDataset.open(tmp_path / "data")
+
+
+def test_batches_come_from_every_shard_and_never_straddle_two():
+    shards = [np.arange(1000 * k, 1000 * k + length, dtype=np.uint16) for k, length in enumerate([40, 9, 200, 5])]
+    sampler = BatchSampler({"train": shards}, batch_size=64, block_size=8, seed=0)
+    seen = set()
+    for _ in range(20):
+        x, y = sampler.get_batch("train")
+        np.testing.assert_array_equal(x, x[:, :1] + np.arange(8))  # consecutive ids: one shard
+        np.testing.assert_array_equal(y, x + 1)
+        seen.update((x[:, 0] // 1000).tolist())
+    assert seen == {0, 1, 2}  # the 5-token shard holds no window of 9
+
+
+def test_a_split_of_single_array_draws_the_batches_of_a_one_shard_list():
+    tokens = np.arange(500, dtype=np.uint16)
+    for _ in range(2):
+        as_array, as_list = BatchSampler({"t": tokens}, 4, 8, seed=5), BatchSampler({"t": [tokens]}, 4, 8, seed=5)
+        np.testing.assert_array_equal(as_array.get_batch("t")[0], as_list.get_batch("t")[0])
+    with pytest.raises(ValueError, match=r"has 12 tokens in 2 files, fewer than block_size \+ 1 = 9 in any one"):
+        BatchSampler({"t": [tokens[:6], tokens[:6]]}, 4, 8)

@@ -26,7 +26,7 @@ LAYERS = [
     ["tinytf.attention"],
     ["tinytf.nn"],
     ["tinytf.models"],
-    ["tinytf.optim", "tinytf.data", "tinytf.checkpoint"],
+    ["tinytf.optim", "tinytf.tokenization", "tinytf.data", "tinytf.checkpoint"],
     ["tinytf.interop", "tinytf.distributed"],
     ["tinytf.cli"],
     ["tinytf.train", "tinytf.sample", "tinytf.gpu_check"],

@@ -568,7 +568,7 @@ CASES = [
     ("--data missing", ["--out", "{new}", "--data", "{new}.txt"], 2, "data file not found", None),
     ("--data empty", ["--out", "{new}", "--data", "{empty}"], 2, "data file is empty", None),
     ("--data not UTF-8", ["--out", "{new}", "--data", "{binary}"], 2, r"is not UTF-8 text: .*byte 0xff", None),
-    ("--data a folder", ["--out", "{new}", "--data", "{folder}"], 2, "data path is a folder", None),
+    ("--data an empty folder", ["--out", "{new}", "--data", "{folder}"], 2, r"the data folder .* holds no files", None),
     ("--device the machine lacks", [*FRESH, "--device", "cuda:3"], 2, "cuda:3", None),
     ("--dropout 1", [*FRESH, "--dropout", "1"], 2, r"--dropout must be in \[0, 1\), got 1\.0", None),
     ("--lr negative", [*FRESH, "--lr", "-1"], 2, "--lr must be non-negative, got -1.0", None),

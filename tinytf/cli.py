@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import backend, distributed
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .data import CharTokenizer
 from .models import GPT, GPTConfig
+from .tokenization import Tokenizer, tokenizer_from_dict
 
 
 class UserError(Exception):
@@ -42,7 +42,7 @@ def command_line(prog: str) -> Callable:
 
 
 def load_trained_model(folder: Path, device: str = "cpu", checkpoint: Checkpoint | None = None,
-                       dtype=None) -> tuple[GPT, CharTokenizer, Checkpoint]:
+                       dtype=None) -> tuple[GPT, Tokenizer, Checkpoint]:
     """(model in eval mode, tokenizer, checkpoint) from a folder written by tinytf.train (or from its checkpoint,
     already loaded), in `dtype` (default: the dtype its weights were saved in, such as bfloat16 for a --dtype bf16
     run); UserError when the folder is missing or corrupt."""
@@ -50,7 +50,7 @@ def load_trained_model(folder: Path, device: str = "cpu", checkpoint: Checkpoint
         checkpoint = checkpoint if checkpoint is not None else load_checkpoint(folder)
         meta = checkpoint.meta
         config = GPTConfig(**meta["config"])
-        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
         saved_dtype = next((w.dtype for w in checkpoint.weights.values() if backend.is_floating(w.dtype)), None)
         # load_state_dict keeps the model's dtype: cast first, so that the saved weights load unrounded
         model = GPT(config).to(dtype=dtype if dtype is not None else saved_dtype)

@@ -1,5 +1,7 @@
 """Sample text from a trained checkpoint: `python -m tinytf.sample --ckpt out --prompt "ROMEO:"`.
 
+The prompt is encoded, and the text decoded, with the tokenizer the run was trained with (saved in its checkpoint).
+
 Or from a local Hugging Face model folder (GPT-2 or Llama, with its tokenizer.json): `--model DIR`.
 Text streams out as it is generated; the KV cache keeps each step to one new token.
 """
@@ -16,6 +18,7 @@ from . import backend
 from .checkpoint import CheckpointError
 from .cli import UserError, command_line, load_trained_model
 from .interop import from_pretrained
+from .tokenization import HuggingFaceTokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,29 +102,20 @@ def load_model(args: argparse.Namespace, device: str):
         model = from_pretrained(args.model)
     except CheckpointError as error:
         raise UserError(f"cannot load the model: {error}") from None
-    return model.to(device), TokenizerFile(args.model / "tokenizer.json")
+    return model.to(device), read_model_tokenizer(args.model)
 
 
-class TokenizerFile:
-    """A Hugging Face `tokenizer.json` read by the `tokenizers` library, with CharTokenizer's encode and decode."""
-
-    def __init__(self, path: Path):
-        try:
-            import tokenizers  # optional (the interop extra): needed only for --model
-        except ImportError:
-            raise UserError("--model needs the tokenizers package: pip install tokenizers") from None
-        if not path.is_file():
-            raise UserError(f"{path.parent} has no tokenizer.json to turn the prompt into token ids")
-        try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as error:  # the library raises plain Exceptions
-            raise UserError(f"cannot read {path}: {error}") from None
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.array(self._tokenizer.encode(text).ids, dtype=np.int64)
-
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode([int(token) for token in ids])
+def read_model_tokenizer(folder: Path) -> HuggingFaceTokenizer:
+    """The tokenizer.json of a Hugging Face model folder (with its tokenizer_config.json's end-of-text token)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no tokenizer.json to turn the prompt into token ids")
+    try:
+        return HuggingFaceTokenizer.from_file(path)
+    except ImportError:
+        raise UserError("--model needs the tokenizers package: pip install tokenizers") from None
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 @command_line("tinytf.sample")

@@ -25,7 +25,6 @@ VOCAB = 97
 IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
 PROMPT = IDS[:1, :5]
 NEW_TOKENS = 20
-NEEDS_INTEROP = "comparing with transformers needs the interop extra: pip install -e '.[interop]'"
 
 # Random transformers models: GPT-2; Llama with GQA and an explicit head_dim (6 heads of 10 in width 48); Llama with
 # MQA and tied embeddings. No special tokens, so that generate() never stops early.
@@ -39,18 +38,6 @@ HF_MODELS = {
         hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         max_position_embeddings=64, tie_word_embeddings=True)),
 }
-
-
-@pytest.fixture(scope="module")
-def hf():
-    """torch and transformers, imported once for the module (torch alone takes seconds)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")  # a test must never reach the Hub
-        torch = pytest.importorskip("torch", reason=NEEDS_INTEROP)
-        transformers = pytest.importorskip("transformers", reason=NEEDS_INTEROP)
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        yield torch, transformers
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ DATA_FREE = {
 
 HOST_SIDE_MODULES = {
     "data.py": "token batches come from memory-mapped files on the host and are moved to the device afterwards",
+    "tokenization.py": "tokenizers turn text into token ids on the host, before any batch reaches a device",
     "testing/__init__.py": "gradient checks compare host copies in float64",
     "testing/cupy_standin.py": "the CuPy stand-in computes with NumPy on host memory: that is what it is for",
     "sample.py": "command line: tokenizing text on the host",
