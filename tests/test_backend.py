@@ -57,3 +57,11 @@ def test_rng_state_round_trips():
     first = tinytf.randn(4).numpy()
     backend.set_rng_state(state)
     np.testing.assert_array_equal(tinytf.randn(4).numpy(), first)
+
+
+def test_device_name_is_cudas_name_of_the_gpu_and_empty_for_the_cpu():
+    assert backend.device_name("cpu") == ""
+    if backend.is_available("cuda"):
+        expected = backend.cupy_module().cuda.runtime.getDeviceProperties(0)["name"]
+        expected = expected.decode() if isinstance(expected, bytes) else expected
+        assert backend.device_name("cuda") == backend.device_name("cuda:0") == expected != ""

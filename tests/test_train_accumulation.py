@@ -115,7 +115,7 @@ def test_known_gpus_have_a_peak_and_others_none(monkeypatch):
     assert train_module.device_peak_tflops(args, "cpu") is None
     for name, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-40GB", 312.0),
                        ("NVIDIA GeForce GTX 1080", None)):
-        monkeypatch.setattr(train_module, "gpu_name", lambda device, name=name: name)
+        monkeypatch.setattr(train_module.backend, "device_name", lambda device, name=name: name)
         assert train_module.device_peak_tflops(args, "cuda:0") == peak, name
 
 

@@ -139,6 +139,18 @@ def check_device(device) -> str:
     return device
 
 
+def device_name(device: str) -> str:
+    """The GPU's name as CUDA reports it ("NVIDIA H100 80GB HBM3"); "" for the CPU, and where CUDA cannot say."""
+    device = canonical_device(device)
+    if device == "cpu":
+        return ""
+    try:
+        name = cupy_module().cuda.runtime.getDeviceProperties(int(device.split(":")[1]))["name"]
+    except (AttributeError, KeyError, RuntimeError):
+        return ""
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def device_of(array) -> str:
     if is_cupy_array(array):
         return f"cuda:{array.device.id}"

@@ -755,18 +755,8 @@ def device_peak_tflops(args: argparse.Namespace, device: str) -> float | None:
         return args.peak_tflops
     if not device.startswith("cuda"):
         return None
-    name = gpu_name(device)
+    name = backend.device_name(device)
     return next((peaks.get(args.dtype) for part, peaks in GPU_PEAK_TFLOPS if part in name), None)
-
-
-def gpu_name(device: str) -> str:
-    """CuPy's name of the GPU `device` ("NVIDIA H100 80GB HBM3"); "" where it cannot say (the CuPy stand-in)."""
-    index = int(device.partition(":")[2] or 0)
-    try:
-        name = backend.cupy_module().cuda.runtime.getDeviceProperties(index)["name"]
-    except (AttributeError, KeyError, RuntimeError):
-        return ""
-    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def memory_estimate(model: GPT, dtype, batch_size: int, grad_accum: int) -> dict[str, float]:
