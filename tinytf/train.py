@@ -1,4 +1,4 @@
-"""Train a character-level GPT: `python -m tinytf.train --help`.
+"""Train a GPT on text, character- or BPE-level: `python -m tinytf.train --help`.
 
 With no --data it trains on the text of Python's own documentation (the stdlib module pydoc_data), so it runs
 offline on any machine. The output folder receives the prepared data, checkpoints (safetensors weights, JSON
@@ -73,7 +73,7 @@ GPU_PEAK_TFLOPS = (
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
     ("V100", {"float16": 125.0, "float32": 15.7}),
 )
-TRAIN_FRACTION = 0.9  # of the text's characters go to the train split, the rest to val
+TRAIN_FRACTION = 0.9  # of the tokens go to the train split, the rest to val
 # --dtype's accepted spellings -> the dtype's name, which the checkpoint records
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                "fp16": "float16", "float16": "float16"}
@@ -99,7 +99,7 @@ class _RecipeParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _RecipeParser(
         prog="python -m tinytf.train",
-        description="Train a character-level GPT on a text file (default: Python's documentation, offline).",
+        description="Train a GPT on text, character- or BPE-level (default: Python's documentation, offline).",
         epilog="@FILE reads flags from FILE (# starts a comment), as in: python -m tinytf.train "
                "@examples/recipes/finetune_gpt2_shakespeare.args; flags after it override the file's.",
         formatter_class=_DefaultsOnceFormatter,
