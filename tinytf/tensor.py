@@ -84,15 +84,19 @@ class Function:
     @classmethod
     def apply(cls, *inputs: Tensor, **params) -> Tensor:
         """Run forward on the inputs' arrays; record the graph when gradients are needed."""
-        device = _common_device(cls.__name__, inputs)
-        if cls.half_precision_variant is not None and _has_half_precision(inputs):
+        # Every op passes here, so it is written for speed: one pass over the inputs, the device scope only for
+        # GPU arrays, and the output wrapped without Tensor.__init__'s checks (forward returns an array).
+        arrays = [tensor.data for tensor in inputs]
+        if cls.half_precision_variant is not None and _has_half_precision(arrays):
             cls = cls.half_precision_variant
         function = cls()
-        if device is None:
-            output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
+        for array in arrays:
+            if type(array) is not np.ndarray:  # only then can devices differ, or CuPy need its current device set
+                with backend.device_scope(_common_device(cls.__name__, inputs)):
+                    output = _wrap(function.forward(*arrays, **params))
+                break
         else:
-            with backend.device_scope(device):
-                output = Tensor(function.forward(*[tensor.data for tensor in inputs], **params))
+            output = _wrap(function.forward(*arrays, **params))
         if _grad_enabled:
             needs = tuple([tensor.requires_grad for tensor in inputs])
             if True in needs:
@@ -101,27 +105,22 @@ class Function:
         return output
 
     def release(self) -> None:
-        """Drop the saved arrays and the links to the inputs, so the graph's memory is freed after backward."""
-        self.inputs = ()
-        self.saved_tensors = ()
+        """Drop the saved arrays, the links to the inputs and whatever else forward stored, so the graph's memory is
+        freed after backward."""
+        self.__dict__.clear()
         self._released = True
 
 
-def _has_half_precision(tensors) -> bool:
-    for tensor in tensors:
-        dtype = tensor.data.dtype
+def _has_half_precision(arrays) -> bool:
+    for array in arrays:
+        dtype = array.dtype
         if dtype.itemsize == 2 and backend.is_half(dtype):
             return True
     return False
 
 
-def _common_device(op_name: str, tensors) -> str | None:
-    """The one device of the tensors, or None when all are NumPy arrays; a RuntimeError when they differ."""
-    for tensor in tensors:
-        if type(tensor.data) is not np.ndarray:  # only then can devices differ; the common case stops here
-            break
-    else:
-        return None
+def _common_device(op_name: str, tensors) -> str:
+    """The one device of the tensors; a RuntimeError when they differ."""
     devices = [tensor.device for tensor in tensors]
     for device in devices[1:]:
         if device != devices[0]:
@@ -247,17 +246,18 @@ class Tensor:
             if node_grad is None:
                 continue
             creator = node._creator
-            if creator is None or node._retains_grad:
-                node._accumulate_grad(node_grad)
             if creator is None:
+                node._accumulate_grad(node_grad)
                 continue
+            if node._retains_grad:
+                node._accumulate_grad(node_grad)
             if creator._released:
                 raise RuntimeError(
                     "backward through a graph whose saved arrays were already freed by an earlier backward(); "
                     "pass retain_graph=True to the first call if you need to go through it twice"
                 )
             input_grads = creator.backward(node_grad)
-            if not isinstance(input_grads, tuple):
+            if type(input_grads) is not tuple:
                 input_grads = (input_grads,)
             for parent, parent_grad in zip(creator.inputs, input_grads):
                 if parent_grad is not None and parent.requires_grad:
@@ -299,6 +299,19 @@ class Tensor:
         elif self.requires_grad:
             extras.append("requires_grad=True")
         return "tensor(" + ", ".join([body] + extras) + ")"
+
+
+def _wrap(array) -> Tensor:
+    """An op's output array as a new Tensor, without Tensor.__init__'s argument handling (the engine's fast path);
+    NumPy scalars, which 0-d ops return, become 0-d arrays."""
+    if type(array) is not np.ndarray and not backend.is_cupy_array(array):
+        array = np.asarray(array)
+    tensor = _new_tensor(Tensor)
+    tensor.data, tensor.grad, tensor.requires_grad, tensor._creator, tensor._retains_grad = array, None, False, None, False
+    return tensor
+
+
+_new_tensor = object.__new__
 
 
 class SliceGrad:
@@ -346,10 +359,12 @@ class GradientSums:
             total += grad
 
     def pop(self, node: Tensor):
-        """The complete gradient of `node` as a dense array (None if nothing flowed into it), forgotten here."""
-        self._owned.discard(id(node))
+        """The complete gradient of `node` as a dense array (None if nothing flowed into it), forgotten here.
+
+        A popped node is never added to again in the same pass (its consumers all came before it), so its id may
+        stay in `_owned`."""
         total = self._sums.pop(id(node), None)
-        return total.dense() if isinstance(total, SliceGrad) else total
+        return total.dense() if type(total) is SliceGrad else total
 
     @staticmethod
     def _fresh_sum(total, grad):

@@ -6,6 +6,7 @@ from op_check import broadcastable_shapes, check_op, random_array, shapes_with_e
 
 import tinytf
 import tinytf.functional as F
+from tinytf import backend
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -69,6 +70,45 @@ def test_python_scalars_keep_float32():
     x = tinytf.ones(3)
     for result in (x + 1.5, 2.5 * x, x / 3, 1 - x, x**2.0, 2.0**x):
         assert result.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_python_number_fast_path_equals_the_tensor_operand_path(device, dtype):
+    """x + c, c + x, x - c, x * c and c * x with a Python number skip promotion (AddScalar, MulScalar): the values and
+    gradients must equal those of the same number given as a 0-d tensor of x's dtype, which takes the general path."""
+    x_data = np.random.default_rng(0).uniform(-2, 2, (3, 4)).astype(dtype)
+    ops = {
+        "x + c": lambda x, c: x + c, "c + x": lambda x, c: c + x, "x - c": lambda x, c: x - c,
+        "x * c": lambda x, c: x * c, "c * x": lambda x, c: c * x,
+    }
+    for name, op in ops.items():
+        for number in (0.3, 7, -2.5):
+            fast_x = tinytf.tensor(x_data, requires_grad=True, device=device)
+            fast = op(fast_x, number)
+            general_x = tinytf.tensor(x_data, requires_grad=True, device=device)
+            general = op(general_x, tinytf.tensor(np.array(number, dtype=dtype), device=device))
+            assert type(fast.grad_fn).__name__ in ("AddScalar", "MulScalar"), name
+            assert fast.dtype == np.dtype(dtype), name
+            np.testing.assert_array_equal(fast.numpy(), general.numpy(), err_msg=f"{name} with {number}")
+            grad = np.random.default_rng(1).standard_normal((3, 4)).astype(dtype)
+            fast.backward(grad)
+            general.backward(grad)
+            np.testing.assert_array_equal(backend.to_numpy(fast_x.grad), backend.to_numpy(general_x.grad))
+
+
+def test_python_numbers_with_integer_tensors_keep_pytorch_promotion():
+    """The fast path is only for floating tensors; integer tensors still promote as PyTorch does."""
+    ints = tinytf.tensor(np.array([1, 2, 3], dtype=np.int64))
+    assert (ints * 2).dtype == np.int64 and (ints + 1).dtype == np.int64
+    assert (ints * 2.5).dtype == np.float32 and (ints - 0.5).dtype == np.float32
+    np.testing.assert_array_equal((ints * 2.5).numpy(), np.array([2.5, 5.0, 7.5], dtype=np.float32))
+
+
+def test_python_number_backward_gives_gradient_of_a_chain():
+    x = tinytf.tensor([1.0, -2.0], requires_grad=True, dtype="float64")
+    y = ((x * 3 + 1) * -0.5 - 2).sum()  # dy/dx = 3 * -0.5
+    y.backward()
+    np.testing.assert_array_equal(x.grad, [-1.5, -1.5])
 
 
 @given(shapes=broadcastable_shapes(num_shapes=3), seed=seeds)

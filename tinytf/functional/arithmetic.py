@@ -40,6 +40,30 @@ class Mul(Function):
         return grad_a, grad_b
 
 
+class AddScalar(Function):
+    """a + c for a number c already in a's dtype: the fast path of `+` and `-` with a Python number (no promotion,
+    no broadcasting, nothing saved)."""
+
+    def forward(self, a, scalar):
+        """(...) + number -> (...)"""
+        return a + scalar
+
+    def backward(self, grad):
+        return grad
+
+
+class MulScalar(Function):
+    """a * c for a number c already in a's dtype: the fast path of `*` with a Python number."""
+
+    def forward(self, a, scalar):
+        """(...) * number -> (...)"""
+        self.scalar = scalar
+        return a * scalar
+
+    def backward(self, grad):
+        return grad * self.scalar
+
+
 @computes_in_float32
 class Div(Function):
     def forward(self, a, b):
@@ -267,15 +291,42 @@ def promoted(a, b) -> tuple[Tensor, Tensor]:
     return cast(a, dtype), cast(b, dtype)
 
 
+def _number_in_dtype_of(tensor, number):
+    """`number` as a scalar of `tensor`'s floating dtype when the pair needs no promotion (a float16/32/64 Tensor and
+    a Python int or float: PyTorch's rules give the tensor's dtype), else None."""
+    if type(number) in (float, int) and type(tensor) is Tensor and tensor.data.dtype.kind == "f":
+        data = tensor.data
+        if type(data) is np.ndarray:
+            return np.array(number, data.dtype)  # NumPy's ufuncs take a 0-d array twice as fast as a scalar
+        return data.dtype.type(number)  # CuPy takes NumPy scalars, not NumPy arrays
+    return None
+
+
 def add(a, b) -> Tensor:
+    scalar = _number_in_dtype_of(a, b)
+    if scalar is not None:
+        return AddScalar.apply(a, scalar=scalar)
+    scalar = _number_in_dtype_of(b, a)
+    if scalar is not None:
+        return AddScalar.apply(b, scalar=scalar)
     return _binary(Add, a, b)
 
 
 def sub(a, b) -> Tensor:
+    if type(b) in (float, int):  # a - c == a + (-c) exactly: negation only flips the sign bit
+        scalar = _number_in_dtype_of(a, -b)
+        if scalar is not None:
+            return AddScalar.apply(a, scalar=scalar)
     return _binary(Sub, a, b)
 
 
 def mul(a, b) -> Tensor:
+    scalar = _number_in_dtype_of(a, b)
+    if scalar is not None:
+        return MulScalar.apply(a, scalar=scalar)
+    scalar = _number_in_dtype_of(b, a)
+    if scalar is not None:
+        return MulScalar.apply(b, scalar=scalar)
     return _binary(Mul, a, b)
 
 
