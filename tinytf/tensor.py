@@ -304,7 +304,7 @@ class Tensor:
 def _wrap(array) -> Tensor:
     """An op's output array as a new Tensor, without Tensor.__init__'s argument handling (the engine's fast path);
     NumPy scalars, which 0-d ops return, become 0-d arrays."""
-    if type(array) is not np.ndarray and not backend.is_cupy_array(array):
+    if not isinstance(array, np.ndarray) and not backend.is_cupy_array(array):  # keeps ndarray subclasses
         array = np.asarray(array)
     tensor = _new_tensor(Tensor)
     tensor.data, tensor.grad, tensor.requires_grad, tensor._creator, tensor._retains_grad = array, None, False, None, False
