@@ -234,14 +234,7 @@ class TinytfRunner(Runner):
         import tinytf
 
         self.tinytf = tinytf
-        self._limits = None
-        try:
-            from threadpoolctl import threadpool_limits
-
-            self._limits = threadpool_limits(threads, user_api="blas")  # kept for the worker's lifetime
-        except ImportError:
-            pass
-        tinytf.set_num_threads(threads)  # the flash backend's own worker threads (default: one per core)
+        tinytf.set_num_threads(threads)  # BLAS, numexpr and the flash backend's worker threads, for the worker's life
 
     def info(self) -> dict:
         info = {"numpy": self.np.__version__, "tinytf": self.tinytf.__version__}

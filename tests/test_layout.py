@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinytf"
 # stands for the module and everything under it; the longest name that fits places a module. (The backend loads
 # the CuPy stand-in by name, in CuPy's place, as it loads CuPy: no arrow.)
 LAYERS = [
-    ["tinytf.backend"],
+    ["tinytf.backend", "tinytf.threads"],
     ["tinytf.tensor"],
     ["tinytf.creation", "tinytf.testing"],
     ["tinytf.functional"],

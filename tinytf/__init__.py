@@ -12,7 +12,7 @@ import importlib
 import numpy as np
 
 from . import backend, functional
-from .backend import finfo, get_num_threads, is_available, manual_seed, set_num_threads
+from .backend import finfo, is_available, manual_seed
 from .creation import (
     arange,
     eye,
@@ -33,6 +33,7 @@ from .creation import (
 )
 from .functional import cat, chunk, einsum, matmul, maximum, meshgrid, minimum, split, stack, where
 from .tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
+from .threads import get_num_threads, set_num_threads
 
 float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("float64")
 half = float16  # PyTorch's other name; `bfloat16` (ml_dtypes.bfloat16 as a NumPy dtype) is made on first use

@@ -84,6 +84,12 @@ def get_array_module(*arrays):
     return np
 
 
+def elementwise_kernel(in_params: str, out_params: str, operation: str, name: str):
+    """cupy.ElementwiseKernel(in_params, out_params, operation, name): one CUDA kernel for a fused elementwise op,
+    compiled by CuPy on its first call (functional/expression.py prints the operation)."""
+    return cupy_module().ElementwiseKernel(in_params, out_params, operation, name)
+
+
 def is_cupy_array(array) -> bool:
     return _cupy is not None and isinstance(array, _cupy.ndarray)
 
@@ -233,28 +239,6 @@ def as_dtype(dtype) -> np.dtype:
         return np.dtype(dtype)
     except TypeError as error:
         raise TypeError(f"unknown dtype {dtype!r}: {error}") from None
-
-
-_num_threads: int | None = None
-
-
-def set_num_threads(n: int | None) -> None:
-    """How many worker threads tinytf's own CPU kernels (the flash attention backend) may use; None: one per core
-    this process may run on. BLAS keeps its own setting (OPENBLAS_NUM_THREADS, or threadpoolctl)."""
-    global _num_threads
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"set_num_threads: expected a positive integer or None, got {n!r}")
-    _num_threads = n
-
-
-def get_num_threads() -> int:
-    """The worker threads tinytf's CPU kernels use (see set_num_threads)."""
-    if _num_threads is not None:
-        return _num_threads
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 _generators: dict[str, object] = {}

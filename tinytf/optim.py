@@ -18,6 +18,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 
 from .backend import device_of, device_scope, get_array_module, is_half, to_device, to_numpy
+from .functional.expression import ElementwiseExpression
 from .tensor import Tensor
 
 
@@ -232,6 +233,16 @@ class SGD(Optimizer):
         param -= scratch
 
 
+# AdamW's step on one parameter p with gradient g, fused: m += (1 - beta1) (g - m) is PyTorch's lerp form of the
+# moving average; the decay of p and its Adam step are one pass, p (1 - lr wd) - lr / bc1 * m / (sqrt(v / bc2) + eps)
+ADAMW_UPDATE = ElementwiseExpression("adamw_update", """
+    m = (g - m) * (1 - beta1) + m
+    v = v * beta2 + g * g * (1 - beta2)
+    p = p * (1 - lr * weight_decay) - m / (sqrt(v) / sqrt(bias_correction2) + eps) * (lr / bias_correction1)
+""", inputs=("g",), outputs=("m", "v", "p"),
+    scalars=("lr", "weight_decay", "beta1", "beta2", "eps", "bias_correction1", "bias_correction2"))
+
+
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter), exactly as torch.optim.AdamW:
 
@@ -259,27 +270,9 @@ class AdamW(Optimizer):
         if "step" not in state:  # the state may hold a master copy already
             state.update(step=0, exp_avg=xp.zeros_like(param), exp_avg_sq=xp.zeros_like(param))
         state["step"] += 1
-        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        scratch = self._scratch_like(param)
-
-        if weight_decay != 0:
-            param *= 1.0 - lr * weight_decay
-        # m += (1 - beta1) * (grad - m): PyTorch's lerp form of the moving average
-        xp.subtract(grad, exp_avg, out=scratch)
-        scratch *= 1.0 - beta1
-        exp_avg += scratch
-        # v = beta2 * v + (1 - beta2) * grad²
-        exp_avg_sq *= beta2
-        xp.multiply(grad, grad, out=scratch)
-        scratch *= 1.0 - beta2
-        exp_avg_sq += scratch
-        # denominator = sqrt(v) / sqrt(1 - beta2^t) + eps; then p -= lr / (1 - beta1^t) * m / denominator
-        xp.sqrt(exp_avg_sq, out=scratch)
-        scratch /= math.sqrt(1.0 - beta2**step)
-        scratch += eps
-        xp.divide(exp_avg, scratch, out=scratch)
-        scratch *= lr / (1.0 - beta1**step)
-        param -= scratch
+        ADAMW_UPDATE(grad, out=(state["exp_avg"], state["exp_avg_sq"], param), lr=lr, weight_decay=weight_decay,
+                     beta1=beta1, beta2=beta2, eps=eps, bias_correction1=1.0 - beta1 ** state["step"],
+                     bias_correction2=1.0 - beta2 ** state["step"])
 
 
 class GradScaler:

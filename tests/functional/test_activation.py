@@ -11,12 +11,14 @@ import tinytf.functional as F
 from tinytf import backend
 from tinytf.functional.activation import (
     elu,
+    gelu_tanh_study_backward,
     gelu_tanh_study_forward,
     hardswish,
     hardtanh,
     leaky_relu,
     mish,
     selu,
+    silu_study_backward,
     silu_study_forward,
     softplus,
 )
@@ -181,6 +183,22 @@ def test_dropout_zeroes_about_p_and_keeps_the_mean():
     np.testing.assert_array_equal(x.grad, y.numpy())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_dropout_keeps_where_the_seeded_uniform_reaches_p(device, dtype):
+    rng = np.random.default_rng(0)
+    x = tinytf.tensor(rng.standard_normal((33, 5)).astype(dtype), requires_grad=True, device=device)
+    tinytf.manual_seed(7)
+    uniform = backend.to_numpy(backend.generator(device).random((33, 5), dtype=np.float32))
+    tinytf.manual_seed(7)
+    y = F.dropout(x, p=0.25)
+    upstream = rng.standard_normal((33, 5)).astype(dtype)
+    y.backward(tinytf.tensor(upstream, device=device))
+    mask = (uniform >= 0.25) * np.float32(1 / 0.75)
+    assert y.dtype == x.grad.dtype == dtype
+    np.testing.assert_array_equal(y.numpy(), (x.numpy().astype(np.float32) * mask).astype(dtype))
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), (upstream.astype(np.float32) * mask).astype(dtype))
+
+
 def test_dropout_is_identity_in_evaluation_and_rejects_bad_p():
     x = tinytf.randn(5)
     assert F.dropout(x, p=0.5, training=False) is x
@@ -270,3 +288,17 @@ def test_swiglu_computes_only_the_gradient_asked_for(wanted):
             np.testing.assert_allclose(tensor.grad, composed[name].grad, rtol=1e-12)
         else:
             assert tensor.grad is None
+
+
+@pytest.mark.parametrize("op, forward, backward", [
+    (lambda x: F.gelu(x, approximate="tanh"), gelu_tanh_study_forward, gelu_tanh_study_backward),
+    (F.silu, silu_study_forward, silu_study_backward)])
+def test_fused_activations_take_transposed_inputs(op, forward, backward, device):
+    rng = np.random.default_rng(0)
+    x = tinytf.tensor(rng.standard_normal((5, 7)).astype(np.float32), device=device).T  # not contiguous
+    x.requires_grad = True
+    upstream = rng.standard_normal((5, 7)).astype(np.float32).T
+    y = op(x)
+    y.backward(tinytf.tensor(upstream, device=device))
+    np.testing.assert_allclose(y.numpy(), forward(x.numpy()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(x.grad), backward(upstream, x.numpy()), rtol=1e-5, atol=1e-6)

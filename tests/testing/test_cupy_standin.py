@@ -82,3 +82,37 @@ def test_bfloat16_works_where_cupy_14_supports_it_and_fails_where_it_does_not():
         with pytest.raises(TypeError, match="bfloat16"):
             unsupported()
     assert float((batched.astype(np.float32) @ x.T.astype(np.float32)).sum()) == float((x @ x.T).sum())
+
+
+def test_elementwise_kernel_compiles_its_operation_and_follows_cupys_rules():
+    add_scaled = cupy.ElementwiseKernel("T x, T y, float32 scale", "T z", "z = x * scale + y + i", "add_scaled")
+    x = cupy.asarray(np.arange(6, dtype=np.float64).reshape(2, 3))
+    y = cupy.asarray(np.array([10.0, 20.0, 30.0]))  # broadcast along the rows
+    z = add_scaled(x, y, 2)  # a Python scalar takes its parameter's type
+    assert z.dtype == np.float64 and z.shape == (2, 3)  # T is float64, from the arrays
+    np.testing.assert_array_equal(z.get(), np.arange(6).reshape(2, 3) * 2 + [10, 20, 30] + np.arange(6).reshape(2, 3))
+    out = cupy.zeros((2, 3), dtype=np.float64)
+    assert add_scaled(x, y, 0, out) is out
+    np.testing.assert_array_equal(out.get(), np.arange(6).reshape(2, 3) + [10, 20, 30])
+    with pytest.raises(ValueError, match="Out shape"):
+        add_scaled(x, y, 0, cupy.zeros((3,), dtype=np.float64))
+    with pytest.raises(TypeError, match="Type is mismatched"):
+        add_scaled(x, y, 0, cupy.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match="number of arguments"):
+        add_scaled(x, y)
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        add_scaled(x, np.ones(3), 1)
+
+
+def test_elementwise_kernel_raw_parameters_see_the_whole_array():
+    reverse = cupy.ElementwiseKernel("raw T x, int64 n", "T y", "y = x[n - 1 - i]", "reverse")
+    x = cupy.asarray(np.arange(5, dtype=np.float32))
+    y = cupy.empty(5, dtype=np.float32)
+    reverse(x, 5, y)
+    np.testing.assert_array_equal(y.get(), np.arange(5)[::-1])
+
+
+def test_elementwise_kernel_runs_the_cuda_source_so_cuda_errors_fail():
+    broken = cupy.ElementwiseKernel("T x", "T y", "y = undefined_function(x)", "broken")
+    with pytest.raises(Exception, match="undefined_function"):
+        broken(cupy.ones(3))

@@ -62,9 +62,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..backend import get_array_module, get_num_threads
+from ..backend import get_array_module
 from ..functional.common import computes_in_float32
 from ..tensor import Function
+from ..threads import get_num_threads
 from .masks import causal_visibility
 
 LOG2_E, LN_2 = 1 / math.log(2), math.log(2)

@@ -1,10 +1,11 @@
 """Activations, softmax and dropout: each forward beside its hand-derived backward. The floating activations of
 integer or bool tensors compute in the default float dtype (common.floating); at a kink, the gradient is PyTorch's.
 
-GELUTanh, SiLU and SwiGLU run on the widest activations of a transformer, so they are tuned: in-place chains over
-cache-sized blocks, through `_blockwise_forward` and `_blockwise_backward`. Study versions: the textbook formulas
-on plain arrays stand just above the ops they explain, `gelu_tanh_study_forward` / `_backward` above GELUTanh and
-`silu_study_forward` / `_backward` above SiLU (SwiGLU is silu(gate) * up); the tests hold the tuned ops to them.
+GELUTanh, SiLU, SwiGLU and Dropout run on the widest activations of a transformer, so they are tuned: each pass is
+one fused elementwise expression (expression.ElementwiseExpression: cache-blocked in-place ufunc chains on NumPy, one
+kernel on CuPy). Study versions: the textbook formulas on plain arrays stand just above the ops they explain,
+`gelu_tanh_study_forward` / `_backward` above GELUTanh and `silu_study_forward` / `_backward` above SiLU (SwiGLU is
+silu(gate) * up); the tests hold the tuned ops to them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 from .. import backend
 from ..tensor import Function, Tensor
 from .common import (
-    block_scratch,
     canonical_axes,
     computes_in_float32,
     floating,
@@ -24,6 +24,7 @@ from .common import (
     row_blocks,
     row_sum_vector,
 )
+from .expression import ElementwiseExpression
 
 
 @computes_in_float32
@@ -60,33 +61,6 @@ class ReLU(Function):
         return grad * positive
 
 
-def _blockwise_forward(a, write_block):
-    """An elementwise op over cache-sized blocks (row_blocks): write_block(x, saved, out) fills a block of the output
-    and of one array kept for backward. Returns x, saved and out, all flat."""
-    xp = backend.get_array_module(a)
-    x = a.reshape(-1)
-    saved, out = xp.empty_like(x), xp.empty_like(x)
-    for rows in row_blocks(x):
-        write_block(x[rows], saved[rows], out[rows])
-    return x, saved, out
-
-
-def _blockwise_backward(grad, x, saved, write_slope):
-    """dL/dx = grad * f'(x) for an elementwise f, over cache-sized blocks: write_slope(x, saved, out, scratch) puts
-    f'(x) into out, with a block-sized scratch buffer reused by every block (block_scratch); grad then multiplies
-    in place."""
-    xp = backend.get_array_module(x)
-    g = grad.reshape(-1)
-    grad_in = xp.empty_like(x)
-    blocks = row_blocks(x)
-    scratch = block_scratch(x, blocks)
-    for rows in blocks:
-        out = grad_in[rows]
-        write_slope(x[rows], saved[rows], out, scratch[: out.shape[0]])
-        out *= g[rows]
-    return grad_in.reshape(grad.shape)
-
-
 _GELU_C = math.sqrt(2 / math.pi)
 _GELU_K = 0.044715
 
@@ -104,55 +78,38 @@ def gelu_tanh_study_backward(grad, x):
     return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * x * x))
 
 
+# The tuned forms of the study formulas, written in the order that costs fewest passes over a block: an operation
+# whose operand is already in a buffer updates that buffer in place (see expression.py).
+GELU_TANH_FORWARD = ElementwiseExpression("gelu_tanh_forward", """
+    t = tanh(x * (c + c * k * x * x))
+    y = (1 + t) * x * 0.5
+""", inputs=("x",), outputs=("y", "t"), constants=dict(c=_GELU_C, k=_GELU_K))
+# gelu'(x) = (1/2 + u (1 - t)) (1 + t), u = x c (1 + 3k x^2) / 2: one scratch buffer, for (1 - t) and then (1 + t)
+GELU_TANH_BACKWARD = ElementwiseExpression("gelu_tanh_backward",
+                                           "dx = ((x * x * (1.5 * c * k) + 0.5 * c) * x * (1 - t) + 0.5) * (1 + t) * g",
+                                           inputs=("x", "t", "g"), outputs=("dx",),
+                                           constants=dict(c=_GELU_C, k=_GELU_K))
+
+
 @computes_in_float32
 class GELUTanh(Function):
     """GELU with the tanh approximation (GPT-2's "gelu_new"), tuned; the formula is gelu_tanh_study_forward and
     gelu_tanh_study_backward.
 
-    Optimisations, for the (B, T, 4C) activations it runs on: cache-blocked passes (row_blocks, through
-    _blockwise_forward and _blockwise_backward); in-place ufunc chains with out= and no temporary per term
-    (_gelu_tanh_into, _gelu_tanh_slope_into); t = tanh(...) kept from forward, so backward computes no tanh; the
-    derivative factored to (1 + t) (1/2 + u (1 - t)), fewer passes than the study form.
+    Optimisations, for the (B, T, 4C) activations it runs on: one fused expression each way (GELU_TANH_FORWARD,
+    GELU_TANH_BACKWARD: cache-blocked in-place ufunc chains on NumPy, one kernel on CuPy); t = tanh(...) kept from
+    forward, so backward computes no tanh; the derivative factored to (1 + t) (1/2 + u (1 - t)) with
+    u = x c (1 + 3k x^2) / 2, fewer passes than the study form.
     """
 
-    K = _GELU_K
-
     def forward(self, a):
-        x, t, out = _blockwise_forward(a, _gelu_tanh_into)
-        self.save_for_backward(x, t)
-        return out.reshape(a.shape)
+        out, t = GELU_TANH_FORWARD(a)
+        self.save_for_backward(a, t)
+        return out
 
     def backward(self, grad):
-        return _blockwise_backward(grad, *self.saved_tensors, _gelu_tanh_slope_into)
-
-
-def _gelu_tanh_into(x, t, out) -> None:
-    """out = x/2 (1 + t), leaving t = tanh(x (c + c k x^2)) for backward."""
-    xp = backend.get_array_module(x)
-    xp.multiply(x, x, out=t)
-    t *= _GELU_K * _GELU_C
-    t += _GELU_C
-    t *= x
-    xp.tanh(t, out=t)
-    xp.add(t, 1, out=out)
-    out *= x
-    out *= 0.5
-
-
-def _gelu_tanh_slope_into(x, t, out, scratch) -> None:
-    """out = gelu'(x) = (1 + t) (1/2 + u (1 - t)) with u = x c (1 + 3k x^2) / 2, given t from forward; scratch
-    holds u."""
-    xp = backend.get_array_module(x)
-    u = scratch
-    xp.multiply(x, x, out=u)
-    u *= 1.5 * _GELU_K * _GELU_C
-    u += 0.5 * _GELU_C
-    u *= x
-    xp.subtract(1, t, out=out)
-    u *= out
-    u += 0.5
-    xp.add(t, 1, out=out)
-    out *= u
+        x, t = self.saved_tensors
+        return GELU_TANH_BACKWARD(x, t, grad)
 
 
 def erf(x):
@@ -197,23 +154,33 @@ def silu_study_backward(grad, x):
     return grad * (s + x * s * (1 - s))
 
 
+# sigmoid(x) = (1 + tanh(x/2)) / 2: one transcendental ufunc, and no overflow of e^-x for x << 0
+SILU_FORWARD = ElementwiseExpression("silu_forward", """
+    s = tanh(x * 0.5) * 0.5 + 0.5
+    y = x * s
+""", inputs=("x",), outputs=("y", "s"))
+# silu'(x) = s + x s (1 - s) = s (1 + x (1 - s)), given s = sigmoid(x)
+SILU_BACKWARD = ElementwiseExpression("silu_backward", "dx = ((1 - s) * x + 1) * s * g",
+                                      inputs=("x", "s", "g"), outputs=("dx",))
+
+
 @computes_in_float32
 class SiLU(Function):
     """x sigmoid(x) (swish), tuned like GELUTanh (Llama's MLP runs it on (B, T, hidden)); the formula is
     silu_study_forward and silu_study_backward.
 
-    Optimisations: cache-blocked passes (row_blocks, through _blockwise_forward and _blockwise_backward); in-place
-    ufunc chains with out= (_silu_into, _silu_slope_into); sigmoid(x) kept from forward for the backward; sigmoid as
-    (1 + tanh(x/2))/2 (_sigmoid_into), one ufunc that never overflows.
+    Optimisations: one fused expression each way (SILU_FORWARD, SILU_BACKWARD); sigmoid(x) kept from forward for
+    the backward; sigmoid as (1 + tanh(x/2))/2, one ufunc that never overflows.
     """
 
     def forward(self, a):
-        x, s, out = _blockwise_forward(a, _silu_into)
-        self.save_for_backward(x, s)
-        return out.reshape(a.shape)
+        out, s = SILU_FORWARD(a)
+        self.save_for_backward(a, s)
+        return out
 
     def backward(self, grad):
-        return _blockwise_backward(grad, *self.saved_tensors, _silu_slope_into)
+        x, s = self.saved_tensors
+        return SILU_BACKWARD(x, s, grad)
 
 
 def _sigmoid_into(x, out) -> None:
@@ -232,58 +199,32 @@ def sigmoid_array(x):
     return out
 
 
-def _silu_into(x, s, out) -> None:
-    """out = x s, leaving s = sigmoid(x) for backward."""
-    _sigmoid_into(x, s)
-    backend.get_array_module(x).multiply(x, s, out=out)
-
-
-def _silu_slope_into(x, s, out, scratch=None) -> None:
-    """out = d(x s(x))/dx = s + x s (1 - s) = s (1 + x (1 - s)), given s = sigmoid(x). The chain needs no scratch;
-    the parameter is there to fit _blockwise_backward."""
-    backend.get_array_module(x).subtract(1, s, out=out)
-    out *= x
-    out += 1
-    out *= s
+SWIGLU_FORWARD = ElementwiseExpression("swiglu_forward", """
+    s = tanh(a * 0.5) * 0.5 + 0.5
+    y = a * s * b
+""", inputs=("a", "b"), outputs=("y", "s"))
+# d/d up = g silu(a) = g a s;   d/d gate = g up silu'(a). Both in one pass over the blocks, which reads a, s and g
+# from memory once: a frozen gate or up (one gradient unused) is rare enough not to deserve a pass of its own.
+SWIGLU_BACKWARD = ElementwiseExpression("swiglu_backward", """
+    db = a * s * g
+    da = ((1 - s) * a + 1) * s * b * g
+""", inputs=("a", "b", "s", "g"), outputs=("da", "db"))
 
 
 @computes_in_float32
 class SwiGLU(Function):
     """silu(gate) * up, Llama's gated MLP activation, fused: no (B, T, hidden) array for silu(gate) or its gradient.
-    Its study form is silu_study_forward(gate) * up; it is blocked and in place like SiLU, with SiLU's helpers."""
+    Its study form is silu_study_forward(gate) * up; each pass is one fused expression, as in SiLU."""
 
     def forward(self, gate, up):
         """(..., hidden), (..., hidden) -> (..., hidden)"""
-        xp = backend.get_array_module(gate, up)
-        a, b = gate.reshape(-1), up.reshape(-1)
-        s, out = xp.empty_like(a), xp.empty_like(a)
-        for rows in row_blocks(a):
-            ob = out[rows]
-            _silu_into(a[rows], s[rows], ob)
-            ob *= b[rows]
-        self.save_for_backward(a, b, s)
-        return out.reshape(gate.shape)
+        out, s = SWIGLU_FORWARD(gate, up)
+        self.save_for_backward(gate, up, s)
+        return out
 
     def backward(self, grad):
-        a, b, s = self.saved_tensors
-        xp = backend.get_array_module(a)
-        # d/d up = g silu(a) = g a s;   d/d gate = g up silu'(a)
-        g = grad.reshape(-1)
-        grad_gate = xp.empty_like(a) if self.needs_input_grad[0] else None
-        grad_up = xp.empty_like(a) if self.needs_input_grad[1] else None
-        for rows in row_blocks(a):
-            ab, sb, gb = a[rows], s[rows], g[rows]
-            if grad_up is not None:
-                ub = grad_up[rows]
-                xp.multiply(ab, sb, out=ub)
-                ub *= gb
-            if grad_gate is not None:
-                db = grad_gate[rows]
-                _silu_slope_into(ab, sb, db)
-                db *= b[rows]
-                db *= gb
-        return (None if grad_gate is None else grad_gate.reshape(grad.shape),
-                None if grad_up is None else grad_up.reshape(grad.shape))
+        grad_gate, grad_up = SWIGLU_BACKWARD(*self.saved_tensors, grad)
+        return (grad_gate if self.needs_input_grad[0] else None, grad_up if self.needs_input_grad[1] else None)
 
 
 @computes_in_float32
@@ -453,13 +394,21 @@ class LogSoftmax(Function):
         return grad - xp.exp(out) * grad.sum(axis=self.axis, keepdims=True)
 
 
+# Inverted dropout: the kept units are scaled now, so evaluation needs no rescaling. The uniform draws r become the
+# scaled mask in place, in the same pass that applies it.
+DROPOUT_FORWARD = ElementwiseExpression("dropout_forward", """
+    r = (r >= p) * scale
+    y = x * r
+""", inputs=("x",), outputs=("r", "y"), scalars=("p", "scale"))
+
+
 @computes_in_float32
 class Dropout(Function):
     def forward(self, a, p: float, device: str):
-        keep = backend.generator(device).random(a.shape, dtype=a.dtype) >= p
-        # Inverted dropout: scale the kept units now so evaluation needs no rescaling.
-        self.scaled_mask = keep.astype(a.dtype) * a.dtype.type(1 / (1 - p))
-        return a * self.scaled_mask
+        uniform = backend.generator(device).random(a.shape, dtype=a.dtype)
+        self.scaled_mask, out = DROPOUT_FORWARD(a, out=(uniform, backend.get_array_module(a).empty_like(a)), p=p,
+                                                scale=1 / (1 - p))
+        return out
 
     def backward(self, grad):
         return grad * self.scaled_mask

@@ -15,7 +15,10 @@ and compute with NumPy, but they are not NumPy arrays, and they refuse what CuPy
   follow-up issue (cupy#9630, and cupy#10317 for matmul) lists gaps: batched matmul (an operand with more than two
   dimensions), the rounding functions (around, round), divmod, and ufunc.at scatters;
 - RawModule / RawKernel launches run the unchanged .cu source through tinytf.kernels.emulator, checking every
-  argument against the kernel's parameter types (a Python int or float is an error, as it is wrong on a GPU).
+  argument against the kernel's parameter types (a Python int or float is an error, as it is wrong on a GPU);
+- an ElementwiseKernel's operation is compiled too: CuPy's rules (types named or left to a placeholder such as T,
+  `raw` parameters, the index i, broadcasting, outputs allocated when not passed) make one `__global__` kernel of
+  it (_elementwise_source), which the emulator builds and runs, a thread per element.
 It does no maths of its own: every result is NumPy's. It has only names real CuPy has, and it records every name
 tinytf touches (`touched`), so a test can check each one against the real `cupy` module.
 
@@ -34,7 +37,7 @@ import weakref
 
 import numpy as _np
 
-from ..kernels.emulator import EmulatedModule, cache_dir
+from ..kernels.emulator import _NUMPY_TYPES, EmulatedModule, cache_dir
 
 __version__ = "14.2.0"  # the CuPy release whose names it follows
 
@@ -670,6 +673,137 @@ class RawKernel:
             if not isinstance(arg, (ndarray, _np.generic, int, float, bool)):
                 raise TypeError(f"Unsupported type {type(arg)} as a kernel argument")
         self._kernel(grid, block, tuple(_unwrap(list(args))), shared_mem=shared_mem)
+
+
+class ElementwiseKernel:
+    """cupy.ElementwiseKernel: `operation` runs once per element i of the broadcast non-raw arguments, through the
+    emulator (see _elementwise_source)."""
+
+    def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel", reduce_dims=True,
+                 preamble: str = "", no_return: bool = False, return_tuple: bool = False, loop_prep: str = "",
+                 after_loop: str = ""):
+        if loop_prep or after_loop:
+            raise NotImplementedError("the stand-in's ElementwiseKernel runs no loop_prep or after_loop code")
+        self.in_params, self.out_params = _elementwise_params(in_params), _elementwise_params(out_params)
+        self.nin, self.nout = len(self.in_params), len(self.out_params)
+        self.nargs = self.nin + self.nout
+        self.operation, self.name, self.preamble = operation, name, preamble
+        self.no_return, self.return_tuple = no_return, return_tuple
+        self._modules: dict[str, EmulatedModule] = {}
+
+    def __call__(self, *args, size=None, block_size=None):
+        if size is not None:
+            raise NotImplementedError("the stand-in's ElementwiseKernel takes its size from the arrays")
+        if len(args) not in (self.nin, self.nargs):
+            raise TypeError(f"Wrong number of arguments for {self.name!r}: expected {self.nin} or {self.nargs}, "
+                            f"got {len(args)}")
+        device = _operand_device(args)
+        types = self._placeholder_types(args)
+        arrays = [(param, arg._array) for param, arg in zip(self.in_params + self.out_params, args)
+                  if isinstance(arg, ndarray) and not param[0]]
+        shape = _np.broadcast_shapes(*[array.shape for _, array in arrays]) if arrays else ()
+        outputs = list(args[self.nin:])
+        for param in self.out_params[len(outputs):]:
+            outputs.append(ndarray._wrap(_np.empty(shape, dtype=_elementwise_dtype(param[1], types)), device))
+        for param, out in zip(self.out_params, outputs):
+            if not isinstance(out, ndarray):
+                raise TypeError(f"{self.name}: output {param[2]!r} must be a cupy.ndarray, got {type(out).__name__}")
+            if not param[0] and out.shape != shape:
+                raise ValueError(f"Out shape is mismatched: {param[2]!r} has {out.shape}, the arguments broadcast "
+                                 f"to {shape}")
+            if out.dtype != _elementwise_dtype(param[1], types):
+                raise TypeError(f"Type is mismatched. {param[2]!r} {out.dtype} {_elementwise_dtype(param[1], types)}")
+        size = int(_np.prod(shape))
+        if size:
+            self._launch(args[:self.nin], outputs, shape, size, types)
+        if self.no_return:
+            return None
+        if self.nout == 1 and not self.return_tuple:
+            return outputs[0]
+        return tuple(outputs)
+
+    def _placeholder_types(self, args) -> dict[str, _np.dtype]:
+        """CuPy's typing: a placeholder takes the dtype of the first array bound to it, else of the first scalar."""
+        types: dict[str, _np.dtype] = {}
+        for want_array in (True, False):
+            for param, arg in zip(self.in_params + self.out_params, args):
+                if param[1] not in _ELEMENTWISE_TYPES and isinstance(arg, ndarray) == want_array:
+                    types.setdefault(param[1], arg.dtype if want_array else _np.asarray(arg).dtype)
+        for param in self.in_params + self.out_params:
+            if param[1] not in _ELEMENTWISE_TYPES and param[1] not in types:
+                raise TypeError(f"{self.name}: cannot determine the type of {param[1]!r}")
+        return types
+
+    def _launch(self, inputs, outputs, shape, size, types) -> None:
+        scalar_params = {param[2] for param, arg in zip(self.in_params, inputs) if not isinstance(arg, ndarray)}
+        source = _elementwise_source(self.in_params, self.out_params, self.operation, self.name, types, scalar_params,
+                                    self.preamble)
+        if source not in self._modules:
+            self._modules[source] = EmulatedModule(_source_file(source))
+        kernel_args, write_back = [], []
+        for param, arg in zip(self.in_params + self.out_params, [*inputs, *outputs]):
+            dtype = _elementwise_dtype(param[1], types)
+            if not isinstance(arg, ndarray):
+                kernel_args.append(dtype.type(arg))  # CuPy casts a scalar argument to its parameter's type
+                continue
+            output = param in self.out_params
+            array = arg._array if param[0] or output else _np.broadcast_to(arg._array, shape)
+            contiguous = _np.ascontiguousarray(array)
+            if output and contiguous is not arg._array:
+                write_back.append((arg._array, contiguous))
+            kernel_args.append(contiguous)
+        kernel_args.append(_np.int64(size))
+        block = 128
+        self._modules[source].get_function(self.name)(((size + block - 1) // block,), (block,), tuple(kernel_args))
+        for target, contiguous in write_back:
+            target[...] = contiguous
+
+
+_ELEMENTWISE_TYPES = {**{name: _np.dtype(dtype) for name, dtype in _NUMPY_TYPES.items()},
+                      **{name: _np.dtype(name) for name in ("bool", "int8", "uint8", "int16", "uint16", "int32",
+                                                            "uint32", "int64", "uint64", "float16", "float32",
+                                                            "float64")}}
+_C_NAMES = {_np.dtype(dtype): name for name, dtype in reversed(list(_NUMPY_TYPES.items()))}
+
+
+def _elementwise_params(text: str) -> list[tuple[bool, str, str]]:
+    """CuPy's parameter list "T x, raw float32 y" -> [(is_raw, type, name)]."""
+    params = []
+    for item in (part.split() for part in text.split(",") if part.strip()):
+        raw = item[0] == "raw"
+        if len(item) != 2 + raw:
+            raise ValueError(f"Syntax error: {' '.join(item)!r}")
+        params.append((raw, item[-2], item[-1]))
+    return params
+
+
+def _elementwise_dtype(type_name: str, types: dict) -> _np.dtype:
+    return _ELEMENTWISE_TYPES[type_name] if type_name in _ELEMENTWISE_TYPES else types[type_name]
+
+
+def _elementwise_source(in_params, out_params, operation: str, name: str, types: dict, scalar_params=(),
+                       preamble: str = "") -> str:
+    """The `__global__` kernel an ElementwiseKernel stands for: thread i binds each non-raw array parameter to its
+    element i (a reference, constant for inputs), a raw one to the whole array, a scalar to its value, and runs
+    `operation`; the placeholders (T) are typedefs. NVRTC compiles it as it is (tests/functional)."""
+    signature, bindings = [], []
+    for param in in_params + out_params:
+        raw, type_name, param_name = param
+        ctype = _C_NAMES[_elementwise_dtype(type_name, types)]
+        constant = "const " if param in in_params else ""
+        if param_name in scalar_params:
+            signature.append(f"{ctype} {param_name}")
+        elif raw:
+            signature.append(f"{constant}{ctype}* {param_name}")
+        else:
+            signature.append(f"{constant}{ctype}* _raw_{param_name}")
+            bindings.append(f"    {constant}{ctype}& {param_name} = _raw_{param_name}[i];")
+    typedefs = "".join(f"typedef {_C_NAMES[dtype]} {placeholder};\n" for placeholder, dtype in types.items())
+    return (f"{typedefs}{preamble}\n"
+            f'extern "C" __global__ void {name}({", ".join(signature)}, long long _ind_size) {{\n'
+            "    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+            "    if (i >= _ind_size) return;\n"
+            + "\n".join(bindings) + f"\n    {operation};\n}}\n")
 
 
 def _source_file(code: str) -> str:
