@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+import tinytf
+
 from tinytf.models import filter_logits, sample_next_token
 
 
@@ -35,3 +37,13 @@ def test_bad_sampling_parameters():
         filter_logits(np.zeros((1, 3)), top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         sample_next_token(np.zeros((1, 3)), temperature=-1)
+
+
+def test_sampling_takes_logits_on_any_device_and_returns_host_ids(device):
+    logits = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    on_device = tinytf.tensor(logits).to(device).data
+    greedy = sample_next_token(on_device, temperature=0)
+    assert isinstance(greedy, np.ndarray) and greedy.dtype == np.int64
+    np.testing.assert_array_equal(greedy, logits.argmax(axis=-1))
+    drawn = sample_next_token(on_device, temperature=1.0, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(drawn, sample_next_token(logits, temperature=1.0, rng=np.random.default_rng(1)))

@@ -3,6 +3,7 @@ import pytest
 
 import tinytf
 from tinytf import nn
+from tinytf.nn.layers import DecodeLayouts
 from tinytf.testing import gradcheck
 
 
@@ -51,6 +52,24 @@ def test_kv_cache_decoding_equals_full_attention(rope):
     pieces = [attention(x[:, :5], cache).numpy()] + [attention(x[:, t : t + 1], cache).numpy() for t in range(5, 9)]
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-6)
     assert cache.length == 9
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_decode_on_arrays_equals_forward_with_the_cache(rope, n_kv_head):
+    """MultiHeadAttention.decode (one token, raw arrays) gives forward's output and fills the cache alike."""
+    attention = nn.MultiHeadAttention(16, 4, n_kv_head, max_length=12, rope=rope)
+    x = tinytf.randn(3, 9, 16)
+    general, fast = nn.KVCache(3, n_kv_head, 12, 4, np.float32), nn.KVCache(3, n_kv_head, 12, 4, np.float32)
+    attention(x[:, :5], general)
+    attention(x[:, :5], fast)
+    layouts = DecodeLayouts()
+    for t in range(5, 9):
+        expected = attention(x[:, t : t + 1], general).numpy()[:, 0]
+        np.testing.assert_allclose(attention.decode(x.numpy()[:, t], fast, layouts), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast.keys[:, :, :9], general.keys[:, :, :9], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast.values[:, :, :9], general.values[:, :, :9], rtol=1e-5, atol=1e-6)
+    assert fast.length == 9
 
 
 def test_kv_cache_refuses_overflow():

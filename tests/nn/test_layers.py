@@ -3,6 +3,7 @@ import pytest
 
 import tinytf
 from tinytf import nn
+from tinytf.nn.layers import DecodeLayouts
 
 
 def test_layer_shapes_and_parameter_counts():
@@ -38,3 +39,23 @@ def test_swiglu_matches_its_formula():
     up = x.numpy() @ mlp.up.weight.numpy().T
     expected = (gate / (1 + np.exp(-gate)) * up) @ mlp.c_proj.weight.numpy().T
     np.testing.assert_allclose(mlp(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_layouts_compute_the_linears_side_by_side(rows, bias):
+    """DecodeLayouts.linear on raw arrays equals each Linear's forward, for one layer and for two stacked (one GEMM)."""
+    first, second = nn.Linear(6, 5, bias), nn.Linear(6, 3, bias)
+    x = tinytf.randn(rows, 6).numpy()
+    layouts = DecodeLayouts()
+    expected = [x @ linear.weight.numpy().T + (linear.bias.numpy() if bias else 0) for linear in (first, second)]
+    np.testing.assert_allclose(layouts.linear(x, first), expected[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layouts.linear(x, first, second), np.concatenate(expected, axis=1), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_layouts_compute_half_precision_in_float32_and_round_once():
+    linear = nn.Linear(8, 4).to(dtype="bfloat16")
+    x = tinytf.randn(2, 8).to(dtype="bfloat16")
+    out = DecodeLayouts().linear(x.data, linear)
+    assert out.dtype == x.dtype
+    np.testing.assert_array_equal(out.astype(np.float32), linear(x).numpy().astype(np.float32))

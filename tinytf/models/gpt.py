@@ -29,6 +29,7 @@ from ..nn import (
     SwiGLUMLP,
     init_skipped,
 )
+from ..nn.layers import DecodeLayouts
 from ..tensor import Tensor, no_grad
 from .sampling import sample_next_token
 
@@ -200,21 +201,39 @@ class GPT(Module):
             if context.ndim != 2 or context.shape[1] == 0:
                 raise ValueError(f"generation needs a context of shape (batch, time) with time >= 1, got {context.shape}")
             block = self.config.block_size
-            caches, fed = None, context[:, -block:]
+            caches, layouts = None, DecodeLayouts()
             for _ in range(max_new_tokens):
-                if use_cache:
-                    if caches is None or caches[0].length + fed.shape[1] > block:
-                        caches, fed = self.make_kv_caches(context.shape[0]), context[:, -block:]
-                    hidden = self.hidden_states(self._on_device(fed), caches)
+                if not use_cache:
+                    logits = self._last_logits(context[:, -block:])
+                elif caches is None or caches[0].length == block:  # the window slides: refill the cache
+                    caches = self.make_kv_caches(context.shape[0])
+                    logits = self._last_logits(context[:, -block:], caches)
                 else:
-                    hidden = self.hidden_states(self._on_device(context[:, -block:]))
-                logits = self.lm_head(hidden[:, -1, :])  # only the last position predicts the next token
-                next_ids = sample_next_token(backend.to_numpy(logits.data), temperature, top_k, top_p, rng)
+                    logits = self.decode_step(context[:, -1], caches, layouts)
+                next_ids = sample_next_token(logits, temperature, top_k, top_p, rng)
                 context = np.concatenate([context, next_ids[:, None]], axis=1)
-                fed = next_ids[:, None]
                 yield next_ids
         finally:
             self.train(was_training)
+
+    def _last_logits(self, ids: np.ndarray, kv_caches: list[KVCache] | None = None):
+        """The logits array (B, vocab) after the tokens ids (B, T): only the last position predicts the next token."""
+        return self.lm_head(self.hidden_states(self._on_device(ids), kv_caches)[:, -1, :]).data
+
+    def decode_step(self, ids, kv_caches: list[KVCache], layouts: DecodeLayouts):
+        """Logits (B, vocab_size), an array, of the token after one new token per sequence, ids (B,), whose keys and
+        values are appended to kv_caches: hidden_states and lm_head with T = 1 in inference, on raw arrays in fewer and
+        cheaper ops (DecoderBlock.decode). `layouts` keeps the weights laid out for decoding: one per generation."""
+        position = kv_caches[0].length
+        with backend.device_scope(self.wte.weight.device):
+            x = self.wte.weight.data[self._on_device(ids)]  # (B, C)
+            if self.config.pos == "learned":
+                x = x + self.wpe.weight.data[position]
+            elif self.config.pos == "sinusoidal":
+                x = x + self.position_table[position]
+            for block, kv_cache in zip(self.blocks, kv_caches):
+                x = block.decode(x, kv_cache, layouts)
+            return layouts.linear(self.ln_f(Tensor(x)).data, self.lm_head)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, rng=None) -> Tensor:

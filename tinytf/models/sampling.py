@@ -33,13 +33,16 @@ def filter_logits(logits: np.ndarray, top_k: int | None = None, top_p: float | N
     return logits
 
 
-def sample_next_token(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
+def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
-    """One token id per row of logits (B, V); temperature 0 takes the argmax. Returns (B,) int64."""
+    """One token id per row of logits (B, V), a NumPy or CuPy array; temperature 0 takes the argmax. Returns (B,)
+    int64 on the host."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(axis=-1).astype(np.int64, copy=False)
+    if temperature == 0:  # on the logits' device: only B ids cross to the host
+        with backend.device_scope(backend.device_of(logits)):
+            return backend.to_numpy(logits.argmax(axis=-1)).astype(np.int64, copy=False)
+    logits = backend.to_numpy(logits)
     filtered = filter_logits(logits / temperature, top_k, top_p)
     probs = np.exp(filtered - filtered.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)

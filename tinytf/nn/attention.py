@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from .. import backend
 from ..creation import zeros
 from ..tensor import Tensor
 from . import functional as F
-from .layers import Dropout, Linear
+from .layers import DecodeLayouts, Dropout, Linear
 from .module import Module
 
 
@@ -26,16 +30,33 @@ class KVCache:
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Store keys/values (B, Hkv, T, D) after the cached ones; returns all cached (B, Hkv, length, D)."""
+        cached_keys, cached_values = self.store(keys.data, values.data)
+        return Tensor(cached_keys), Tensor(cached_values)
+
+    def store(self, keys, values) -> tuple:
+        """append on raw arrays (decoding): keys/values (B, Hkv, T, D) -> the cached arrays (B, Hkv, length, D)."""
         start, new = self.length, keys.shape[2]
         if start + new > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {start} are used and {new} more do not fit")
         if keys.shape[:2] != self.keys.shape[:2] or keys.shape[3] != self.keys.shape[3]:
             raise ValueError(f"KV cache of shape {self.keys.shape} cannot take keys of shape {keys.shape}")
         with backend.device_scope(self.device):  # the copy is a kernel on the cache's device
-            self.keys[:, :, start : start + new] = keys.data
-            self.values[:, :, start : start + new] = values.data
+            self.keys[:, :, start : start + new] = keys
+            self.values[:, :, start : start + new] = values
         self.length = start + new
-        return Tensor(self.keys[:, :, : self.length]), Tensor(self.values[:, :, : self.length])
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+def _softmax_rows(scores, scale: float):
+    """softmax(scores * scale) along the last axis, in place, for decoding: a query's scores over the cache (a few
+    short rows, all finite: no mask). F.masked_softmax computes the same; its blocking and axis handling, made for
+    training's large score matrices, cost several times these four passes on one token's rows (bench/NOTES.md)."""
+    xp = backend.get_array_module(scores)
+    scores *= scale
+    scores -= scores.max(axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
 
 
 class MultiHeadAttention(Module):
@@ -80,6 +101,26 @@ class MultiHeadAttention(Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
         return self.resid_dropout(self.c_proj(y))
+
+    def decode(self, x, kv_cache: KVCache, layouts: DecodeLayouts):
+        """forward in inference for one new token per sequence, on raw arrays (no graph): x (B, C) -> (B, C), the
+        token's keys and values appended to kv_cache. The same maths in fewer ops: for one token the head split
+        (B, 1, H+2Hkv, D) -> (B, H+2Hkv, 1, D) is a reshape, not a transpose; RoPE rotates q and k in one call; and
+        a group's query heads attend as G rows of their K/V head, as in naive attention, with no mask to build."""
+        B = x.shape[0]
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = layouts.linear(x, self.c_attn).reshape(B, H + 2 * Hkv, 1, D)
+        qk = qkv[:, : H + Hkv]
+        if self.rope:
+            position = kv_cache.length
+            cos, sin = self.rope_cos[position : position + 1], self.rope_sin[position : position + 1]
+            qk = F.apply_rotary(Tensor(qk), cos, sin).data
+        keys, values = kv_cache.store(qk[:, H:], qkv[:, H + Hkv :])  # (B, Hkv, S, D)
+        compute = np.result_type(x.dtype, np.float32)
+        q = qk[:, :H].reshape(B, Hkv, H // Hkv, D).astype(compute, copy=False)  # (B, H, 1, D) -> (B, Hkv, G, D)
+        scores = q @ keys.astype(compute, copy=False).swapaxes(-1, -2)  # (B, Hkv, G, S)
+        y = (_softmax_rows(scores, 1.0 / math.sqrt(D)) @ values.astype(compute, copy=False)).astype(x.dtype, copy=False)
+        return layouts.linear(y.reshape(B, H * D), self.c_proj)
 
     def extra_repr(self) -> str:
         return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, rope={self.rope}"

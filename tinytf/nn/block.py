@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..tensor import Tensor
 from .attention import KVCache
+from .layers import DecodeLayouts
 from .module import Module
 
 
@@ -15,3 +16,8 @@ class DecoderBlock(Module):
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), kv_cache)
         return x + self.mlp(self.norm2(x))
+
+    def decode(self, x, kv_cache: KVCache, layouts: DecodeLayouts):
+        """forward in inference for one new token per sequence, on raw arrays (no graph): x (B, C) -> (B, C)."""
+        x = x + self.attn.decode(self.norm1(Tensor(x)).data, kv_cache, layouts)
+        return x + self.mlp.decode(self.norm2(Tensor(x)).data, layouts)

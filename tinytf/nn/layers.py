@@ -1,4 +1,5 @@
-"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout and the two transformer MLPs (GELU and SwiGLU)."""
+"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, the two transformer MLPs (GELU and SwiGLU), and the
+weights laid out for decoding (DecodeLayouts)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,45 @@ class Linear(Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class DecodeLayouts:
+    """The weights of Linear layers laid out for decoding, each built on first use and kept for one generation.
+
+    A decoding step multiplies a few rows (one token per sequence) by every weight W (out, in). On the transposed view
+    that x W^T reads, BLAS runs several times slower for 8 rows than on a contiguous (in, out) copy (bench/NOTES.md,
+    "Decoding"), so the copy is made once per generation: it never outlives a weight update between generations
+    (an optimizer step, load_state_dict). Linears that read the same input (SwiGLU's gate and up) share one layout,
+    their weights side by side, so one GEMM computes them all.
+    """
+
+    def __init__(self):
+        self._layouts = {}
+
+    def linear(self, x, *linears: Linear):
+        """x (N, in) -> the linears' outputs side by side (N, sum of out) in x's dtype, on raw arrays (no graph);
+        computed as F.linear does, in float32 for half precision."""
+        layout = self._layouts.get(linears)
+        if layout is None:
+            layout = self._layouts[linears] = _stacked_layout(linears)
+        weight_t, bias = layout
+        out = x.astype(weight_t.dtype, copy=False) @ weight_t
+        if bias is not None:
+            out += bias
+        return out.astype(x.dtype, copy=False)
+
+
+def _stacked_layout(linears) -> tuple:
+    """(W^T, b): the weights transposed side by side, one C-contiguous (in, sum of out) array, and the biases
+    concatenated (None without biases), both in the compute dtype."""
+    weight = linears[0].weight
+    xp = backend.get_array_module(weight.data)
+    compute = backend.compute_dtype(weight.dtype)
+    with backend.device_scope(weight.device):
+        weight_t = xp.concatenate([linear.weight.data.T for linear in linears], axis=1).astype(compute, copy=False)
+        if linears[0].bias is None:
+            return weight_t, None
+        return weight_t, xp.concatenate([linear.bias.data for linear in linears]).astype(compute, copy=False)
 
 
 class Embedding(Module):
@@ -109,6 +149,11 @@ class GELUMLP(Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
+    def decode(self, x, layouts: DecodeLayouts):
+        """forward in inference on raw arrays (no graph, no dropout): x (N, C) -> (N, C)."""
+        hidden = F.gelu(Tensor(layouts.linear(x, self.c_fc)), approximate="tanh").data
+        return layouts.linear(hidden, self.c_proj)
+
 
 class SwiGLUMLP(Module):
     """Llama's feed-forward block: down(silu(gate(x)) * up(x))."""
@@ -122,3 +167,9 @@ class SwiGLUMLP(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(F.swiglu(self.gate(x), self.up(x))))
+
+    def decode(self, x, layouts: DecodeLayouts):
+        """forward in inference on raw arrays (no graph, no dropout): x (N, C) -> (N, C); gate and up in one GEMM."""
+        gate_up = layouts.linear(x, self.gate, self.up)  # (N, 2 * hidden)
+        hidden = self.gate.out_features
+        return layouts.linear(F.swiglu(Tensor(gate_up[:, :hidden]), Tensor(gate_up[:, hidden:])).data, self.c_proj)
