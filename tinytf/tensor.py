@@ -307,7 +307,8 @@ def _wrap(array) -> Tensor:
     if not isinstance(array, np.ndarray) and not backend.is_cupy_array(array):  # keeps ndarray subclasses
         array = np.asarray(array)
     tensor = _new_tensor(Tensor)
-    tensor.data, tensor.grad, tensor.requires_grad, tensor._creator, tensor._retains_grad = array, None, False, None, False
+    tensor.data, tensor.grad, tensor._creator = array, None, None
+    tensor.requires_grad = tensor._retains_grad = False
     return tensor
 
 

@@ -6,11 +6,16 @@
 BLAS is limited through threadpoolctl, which finds the BLAS library NumPy loaded (OpenBLAS, MKL, BLIS) and calls its
 own set-threads function; the limit object is kept here, so it lasts until the next call. Nothing in tinytf calls
 set_num_threads itself: a library that changed a process-wide thread count on import would surprise its user.
+
+`run_on_workers` is the one pool of worker threads that tinytf's own CPU kernels share (flash attention's tiles, the
+blocks of the fused elementwise expressions): NumPy releases the GIL inside each ufunc and BLAS call, so Python
+threads that each run a chain of them keep several cores busy.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import threadpool_limits
 
@@ -54,3 +59,20 @@ def get_num_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_on_workers(work, items: list, n_threads: int) -> list:
+    """[work(item) for item in items], the items taken by n_threads worker threads as each one frees up.
+
+    Taking work as threads free up keeps every core busy when another process shares one. The pool of each size is
+    made once and kept. Callers make each result depend only on its item, so results never depend on which thread
+    ran what.
+    """
+    if n_threads == 1 or len(items) == 1:
+        return [work(item) for item in items]
+    if n_threads not in _pools:
+        _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="tinytf-worker")
+    return list(_pools[n_threads].map(work, items))

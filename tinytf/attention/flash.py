@@ -52,20 +52,19 @@ for the rows of a tile (Br positions times G heads, see below):
 - Work partitioning as in FA2: the forward hands row tiles to worker threads, the backward groups of column tiles
   (each group then owns its dK_j, dV_j and keeps its own share of dQ). NumPy drops the GIL inside matmul and ufuncs,
   and each tile's matmul is small enough that BLAS runs it on the calling thread, so the workers use all cores:
-  _run_groups, _balanced_groups.
+  threads.run_on_workers, _balanced_groups.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..backend import get_array_module
 from ..functional.common import computes_in_float32
 from ..tensor import Function
-from ..threads import get_num_threads
+from ..threads import get_num_threads, run_on_workers
 from .masks import causal_visibility
 
 LOG2_E, LN_2 = 1 / math.log(2), math.log(2)
@@ -143,7 +142,7 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
     stacked as rows (_to_rows); causal tiles skipped or masked by a cached bias (Tiling, ScoreMask); the lazy max
     (_tile_with_kept_max, else the paper's update _tile_with_new_max); ones columns so matmuls subtract m and sum
     rows (_with_ones, _stacked_transposed); key-major score tiles in reused buffers (_product, _scratch); exp2 with
-    log2(e) folded into the scale (_normalized converts L back); row tiles on worker threads (_run_groups).
+    log2(e) folded into the scale (_normalized converts L back); row tiles on worker threads (run_on_workers).
     """
     xp = get_array_module(Q, K, V)
     B, Hq, T, _ = Q.shape
@@ -181,7 +180,7 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
             forward_row_tiles(row_tiles)
 
     # One row tile per task; under a causal mask the bottom row tiles see the most keys: hand them out first.
-    _run_groups(forward_row_tiles_quietly, [[i] for i in reversed(range(tiling.n_row_tiles))], n_threads)
+    run_on_workers(forward_row_tiles_quietly, [[i] for i in reversed(range(tiling.n_row_tiles))], n_threads)
     O = _from_rows(O, B, tiling.G).astype(out_dtype, copy=False)
     L = _from_rows(L[..., None], B, tiling.G)[..., 0]
     return O, L
@@ -194,7 +193,7 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     Algorithm 2 (flash_study.flash_attention_backward) with the forward's tricks, but no max to keep: ones columns
     so matmuls subtract L_i and D_i (_with_ones, _stacked_transposed), key-major score tiles (_product), exp2, causal
     tiles skipped or masked (Tiling, ScoreMask), and groups of column tiles on worker threads, each with its own
-    share of dQ (_balanced_groups, _run_groups).
+    share of dQ (_balanced_groups, run_on_workers).
     """
     xp = get_array_module(dO, Q, K, V)
     B, Hkv = K.shape[:2]
@@ -242,7 +241,7 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     # columns the busiest); each group adds into its own share of dQ (memory: one dQ per thread), and the shares
     # are summed in a fixed order, so dQ is reproducible.
     col_groups = _balanced_groups({j: len(tiling.visible_rows(j)) for j in range(tiling.n_col_tiles)}, n_threads)
-    dQ_shares = _run_groups(backward_col_tiles, col_groups, n_threads)
+    dQ_shares = run_on_workers(backward_col_tiles, col_groups, n_threads)
     dQ = dQ_shares[0]
     for share in dQ_shares[1:]:
         dQ += share
@@ -390,8 +389,6 @@ def _compute_dtype(dtype):
 
 # --- scheduling ---------------------------------------------------------------------------------------------------
 
-_pools: dict[int, ThreadPoolExecutor] = {}
-
 
 def _plan(q_shape, k_shape, is_causal, block_q, block_k, num_threads, xp):
     """The tiling and the number of worker threads for one call."""
@@ -417,19 +414,6 @@ def _balanced_groups(work: dict, n_groups: int) -> list[list]:
         groups[g].append(item)
         loads[g] += work[item]
     return [group for group in groups if group]
-
-
-def _run_groups(work, groups: list, n_threads: int) -> list:
-    """[work(group) for group in groups], the groups taken by n_threads threads as each one frees up.
-
-    Taking work as threads free up keeps both cores busy when another process shares one. Each group's result
-    depends only on the group, so results do not depend on which thread ran what.
-    """
-    if n_threads == 1 or len(groups) == 1:
-        return [work(group) for group in groups]
-    if n_threads not in _pools:
-        _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="tinytf-flash")
-    return list(_pools[n_threads].map(work, groups))
 
 
 # --- the differentiable op ----------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from .common import (
     canonical_axes,
     computes_in_float32,
     floating,
+    map_row_blocks,
     normalize_axis,
-    row_blocks,
     row_sum_vector,
 )
 from .expression import ElementwiseExpression
@@ -331,7 +331,8 @@ class Softmax(Function):
 
         The rows are cut into groups: one row each without a bias, the last two axes (T, C) with one, so that a
         (T, C) mask applies to every group as it is. Optimisations: each cache-sized block of groups (row_blocks)
-        goes through scale, bias, max, exp, sum and normalization, in place with out=, before the next one is read;
+        goes through scale, bias, max, exp, sum and normalization, in place with out=, before the next one is read,
+        runs of blocks on worker threads (map_row_blocks);
         row sums by a matrix-vector product (BLAS, row_sum_vector), in float32 at least.
         """
         xp = backend.get_array_module(a)
@@ -342,16 +343,20 @@ class Softmax(Function):
             bias = xp.broadcast_to(bias, a.shape).reshape(groups.shape)  # a view for masks that ignore the batch
         out = xp.empty(groups.shape, dtype=a.dtype)
         ones = row_sum_vector(groups.shape[-1], xp.promote_types(a.dtype, xp.float32), xp)
-        for block in row_blocks(groups):
-            logits, ob = groups[block], out[block]
-            if scale != 1 or bias is not None:
-                logits = xp.multiply(logits, scale, out=ob)
-                if bias is not None:
-                    logits += bias[block]
-            xp.subtract(logits, _stable_max(logits, -1), out=ob)
-            xp.exp(ob, out=ob)
-            total = (ob @ ones)[..., None]
-            ob *= 1 / xp.where(total > 0, total, 1)  # a fully masked row stays all zeros
+
+        def softmax_blocks(blocks: list[slice]) -> None:
+            for block in blocks:
+                logits, ob = groups[block], out[block]
+                if scale != 1 or bias is not None:
+                    logits = xp.multiply(logits, scale, out=ob)
+                    if bias is not None:
+                        logits += bias[block]
+                xp.subtract(logits, _stable_max(logits, -1), out=ob)
+                xp.exp(ob, out=ob)
+                total = (ob @ ones)[..., None]
+                ob *= 1 / xp.where(total > 0, total, 1)  # a fully masked row stays all zeros
+
+        map_row_blocks(softmax_blocks, groups)
         self.axis, self.scale, self.moved_shape, self.input_shape = axis, scale, moved.shape, a.shape
         self.save_for_backward(out)
         return self._unmoved(out)
@@ -362,12 +367,16 @@ class Softmax(Function):
         # dL/da_j = scale * y_j (g_j - sum_k g_k y_k)
         g = (xp.moveaxis(grad, self.axis, -1) if grad.ndim else grad).reshape(probs.shape)
         grad_in = xp.empty_like(probs)
-        for block in row_blocks(probs):
-            yb, gb, rb = probs[block], g[block], grad_in[block]
-            xp.subtract(gb, xp.einsum("...i,...i->...", gb, yb)[..., None], out=rb)
-            rb *= yb
-            if self.scale != 1:
-                rb *= self.scale
+
+        def backward_blocks(blocks: list[slice]) -> None:
+            for block in blocks:
+                yb, gb, rb = probs[block], g[block], grad_in[block]
+                xp.subtract(gb, xp.einsum("...i,...i->...", gb, yb)[..., None], out=rb)
+                rb *= yb
+                if self.scale != 1:
+                    rb *= self.scale
+
+        map_row_blocks(backward_blocks, probs)
         return self._unmoved(grad_in)
 
     def _unmoved(self, groups):

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Tensor
+from ..threads import get_num_threads, run_on_workers
 
 
 def sum_to(grad, shape: tuple[int, ...]):
@@ -52,6 +53,26 @@ def row_blocks(array) -> list[slice]:
         return [slice(0, rows)]
     per_block = max(1, BLOCK_BYTES // max(1, array.itemsize * (array.size // max(rows, 1))))
     return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
+
+
+# Blocks a worker thread must get before a blocked loop is split between threads: with fewer, handing work to the
+# pool costs more than the second core saves (bench/NOTES.md).
+MIN_BLOCKS_PER_THREAD = 2
+
+
+def map_row_blocks(work, array) -> list:
+    """[work(run) for each run of consecutive row_blocks(array)], the runs shared out to the worker threads
+    (threads.run_on_workers): one run per thread, contiguous so that each thread streams its own part of memory.
+    `work` must only write its own blocks' rows (and may allocate its own scratch); results come back in order, for
+    the caller to combine (per-thread partial sums, say). Arrays of a few blocks, and GPU arrays, run as one run on
+    the calling thread."""
+    blocks = row_blocks(array)
+    if len(blocks) <= 1:  # the common case of small arrays, without the pool's bookkeeping
+        return [work(blocks)] if blocks else []
+    n_threads = min(get_num_threads(), len(blocks) // MIN_BLOCKS_PER_THREAD) or 1
+    per_thread = -(-len(blocks) // n_threads)
+    return run_on_workers(work, [blocks[start : start + per_thread] for start in range(0, len(blocks), per_thread)],
+                          n_threads)
 
 
 def block_scratch(array, blocks: list[slice]):

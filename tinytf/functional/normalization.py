@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .. import backend
 from ..tensor import Function, Tensor
-from .common import block_scratch, row_blocks, row_sum_vector
+from .common import block_scratch, map_row_blocks, row_sum_vector
 
 
 def layer_norm_study_forward(x, weight=None, bias=None, eps: float = 1e-5):
@@ -81,8 +81,10 @@ def _subtract_row_means(rows, averager, out) -> None:
 def _reciprocal_rms(rows, eps: float, out) -> None:
     """out = 1 / sqrt(mean(rows^2) + eps), (rows, 1), in place; for centered rows that is 1 / sqrt(var + eps)."""
     xp = backend.get_array_module(rows)
-    xp.sqrt(_row_dots(rows, rows) * (1 / rows.shape[-1]) + eps, out=out)
-    xp.divide(1, out, out=out)
+    xp.multiply(_row_dots(rows, rows), 1 / rows.shape[-1], out=out)
+    out += eps
+    xp.sqrt(out, out=out)
+    xp.reciprocal(out, out=out)
 
 
 def _normalize_rows(x, weight, bias, eps: float, centered: bool):
@@ -90,7 +92,8 @@ def _normalize_rows(x, weight, bias, eps: float, centered: bool):
     float32 at least: the tuned form of layer_norm_study_forward and rms_norm_study_forward. Returns y (x's shape
     and dtype) and, for backward, x_hat (rows, C) and rstd (rows, 1).
 
-    Optimisations: cache-blocked rows (row_blocks); in-place ufunc chains with out= into x_hat, rstd and y,
+    Optimisations: cache-blocked rows (row_blocks), runs of blocks on worker threads (map_row_blocks); in-place
+    ufunc chains with out= into x_hat, rstd and y,
     allocated once; row means by a matrix-vector product (BLAS: _subtract_row_means, row_sum_vector); squared norms
     as einsum row dot products with no (rows, C) temporary (_reciprocal_rms, _row_dots). Half precision (float16,
     bfloat16) computes y in float32 too and rounds it once, at the end.
@@ -103,19 +106,23 @@ def _normalize_rows(x, weight, bias, eps: float, centered: bool):
     rstd = xp.empty((rows.shape[0], 1), dtype=compute)
     out = xp.empty(rows.shape, dtype=compute) if weight is not None else None
     averager = row_sum_vector(width, compute, xp, scale=1 / width)
-    for block in row_blocks(rows):
-        xb, hb, rb = rows[block], x_hat[block], rstd[block]
-        if centered:
-            _subtract_row_means(xb.astype(compute, copy=False), averager, out=hb)
-        else:
-            hb[...] = xb
-        _reciprocal_rms(hb, eps, out=rb)
-        hb *= rb
-        if weight is not None:
-            ob = out[block]
-            xp.multiply(hb, weight, out=ob)
-            if bias is not None:
-                ob += bias
+
+    def normalize(blocks: list[slice]) -> None:
+        for block in blocks:
+            xb, hb, rb = rows[block], x_hat[block], rstd[block]
+            if centered:
+                _subtract_row_means(xb.astype(compute, copy=False), averager, out=hb)
+            else:
+                hb[...] = xb
+            _reciprocal_rms(hb, eps, out=rb)
+            hb *= rb
+            if weight is not None:
+                ob = out[block]
+                xp.multiply(hb, weight, out=ob)
+                if bias is not None:
+                    ob += bias
+
+    map_row_blocks(normalize, rows)
     if out is None:  # y is x_hat: rounded to x's dtype, or a copy, because backward keeps x_hat
         y = x_hat.astype(x.dtype) if x.dtype != compute else x_hat.copy()
     else:
@@ -127,8 +134,9 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
     """Gradients of the normalized rows' inputs (x, weight[, bias]) from dL/dy, with y = x_hat * w (+ b): the tuned
     form of layer_norm_study_backward and rms_norm_study_backward, computing only the gradients asked for.
 
-    Optimisations: cache-blocked rows (row_blocks); in-place ufunc chains with out= into dL/dx, with one scratch
-    block reused by every block (block_scratch); row means by a matrix-vector product (BLAS: _subtract_row_means);
+    Optimisations: cache-blocked rows (row_blocks), runs of blocks on worker threads (map_row_blocks), each summing
+    its own share of dL/dw and dL/db; in-place ufunc chains with out= into dL/dx, with one scratch block per thread
+    reused by every block (block_scratch); row means by a matrix-vector product (BLAS: _subtract_row_means);
     row and column dot products by einsum with no (rows, C) temporary (_row_dots, _column_dots).
     """
     x_hat, rstd, weight = function.saved_tensors
@@ -137,29 +145,41 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
     g = grad.reshape(-1, width).astype(x_hat.dtype, copy=False)  # half precision: the gradient in float32 too
     needs = function.needs_input_grad
     grad_x = xp.empty(g.shape, dtype=x_hat.dtype) if needs[0] else None
-    grad_weight = xp.zeros(width, dtype=x_hat.dtype) if weight is not None and needs[1] else None
-    grad_bias = xp.zeros(width, dtype=x_hat.dtype) if function.has_bias and needs[-1] else None
-    blocks = row_blocks(x_hat)
-    scratch = block_scratch(x_hat, blocks) if needs[0] else None
+    wants_weight, wants_bias = weight is not None and needs[1], function.has_bias and needs[-1]
     averager = row_sum_vector(width, x_hat.dtype, xp, scale=1 / width)
-    for block in blocks:
-        hb, gb = x_hat[block], g[block]
-        if grad_weight is not None:
-            grad_weight += _column_dots(gb, hb)
-        if grad_bias is not None:
-            grad_bias += gb.sum(axis=0)
-        if grad_x is None:
-            continue
-        rb = grad_x[block]
-        if weight is not None:
-            xp.multiply(gb, weight, out=rb)  # dL/dx_hat
-        else:
-            rb[...] = gb
-        projection = xp.multiply(hb, _row_dots(rb, hb) * (1 / width), out=scratch[: hb.shape[0]])
-        if centered:
-            _subtract_row_means(rb, averager, out=rb)
-        rb -= projection
-        rb *= rstd[block]
+
+    def backward_blocks(blocks: list[slice]) -> tuple:
+        """dL/dx of these blocks' rows, and their shares of dL/dw and dL/db."""
+        grad_weight = xp.zeros(width, dtype=x_hat.dtype) if wants_weight else None
+        grad_bias = xp.zeros(width, dtype=x_hat.dtype) if wants_bias else None
+        scratch = block_scratch(x_hat, blocks) if grad_x is not None else None
+        for block in blocks:
+            hb, gb = x_hat[block], g[block]
+            if grad_weight is not None:
+                grad_weight += _column_dots(gb, hb)
+            if grad_bias is not None:
+                grad_bias += gb.sum(axis=0)
+            if grad_x is None:
+                continue
+            rb = grad_x[block]
+            if weight is not None:
+                xp.multiply(gb, weight, out=rb)  # dL/dx_hat
+            else:
+                rb[...] = gb
+            projection = xp.multiply(hb, _row_dots(rb, hb) * (1 / width), out=scratch[: hb.shape[0]])
+            if centered:
+                _subtract_row_means(rb, averager, out=rb)
+            rb -= projection
+            rb *= rstd[block]
+        return grad_weight, grad_bias
+
+    grad_weight = xp.zeros(width, dtype=x_hat.dtype) if wants_weight else None
+    grad_bias = xp.zeros(width, dtype=x_hat.dtype) if wants_bias else None
+    for weight_share, bias_share in map_row_blocks(backward_blocks, x_hat):  # in row order: a deterministic sum
+        if wants_weight:
+            grad_weight += weight_share
+        if wants_bias:
+            grad_bias += bias_share
     grads = [None if grad_x is None else grad_x.reshape(grad.shape).astype(grad.dtype, copy=False)]
     if weight is not None:
         grads.append(None if grad_weight is None else grad_weight.astype(weight.dtype, copy=False))
