@@ -301,6 +301,9 @@ class Tensor:
         return "tensor(" + ", ".join([body] + extras) + ")"
 
 
+_new_tensor = object.__new__
+
+
 def _wrap(array) -> Tensor:
     """An op's output array as a new Tensor, without Tensor.__init__'s argument handling (the engine's fast path);
     NumPy scalars, which 0-d ops return, become 0-d arrays."""
@@ -310,9 +313,6 @@ def _wrap(array) -> Tensor:
     tensor.data, tensor.grad, tensor._creator = array, None, None
     tensor.requires_grad = tensor._retains_grad = False
     return tensor
-
-
-_new_tensor = object.__new__
 
 
 class SliceGrad:

@@ -14,6 +14,7 @@ threads that each run a chain of them keep several cores busy.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,14 +66,28 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def run_on_workers(work, items: list, n_threads: int) -> list:
-    """[work(item) for item in items], the items taken by n_threads worker threads as each one frees up.
+    """[work(item) for item in items], the items taken one at a time, as each frees up, by the calling thread and
+    n_threads - 1 worker threads.
 
-    Taking work as threads free up keeps every core busy when another process shares one. The pool of each size is
-    made once and kept. Callers make each result depend only on its item, so results never depend on which thread
-    ran what.
+    The calling thread works too rather than wait: no hand-off for it, and when another process holds the other
+    cores it still gets through the items alone. The pool of each size is made once and kept. Callers make each
+    result depend only on its item, so results never depend on which thread ran what.
     """
     if n_threads == 1 or len(items) == 1:
         return [work(item) for item in items]
+    results = [None] * len(items)
+    next_index = itertools.count()  # next() on it is one C call: atomic under the GIL
+
+    def take_items() -> None:
+        for index in next_index:
+            if index >= len(items):
+                return
+            results[index] = work(items[index])
+
     if n_threads not in _pools:
-        _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="tinytf-worker")
-    return list(_pools[n_threads].map(work, items))
+        _pools[n_threads] = ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="tinytf-worker")
+    helpers = [_pools[n_threads].submit(take_items) for _ in range(n_threads - 1)]
+    take_items()
+    for helper in helpers:
+        helper.result()  # waits, and raises what the helper raised
+    return results

@@ -233,7 +233,7 @@ class GPT(Module):
                 x = x + self.position_table[position]
             for block, kv_cache in zip(self.blocks, kv_caches):
                 x = block.decode(x, kv_cache, layouts)
-            return layouts.linear(self.ln_f(Tensor(x)).data, self.lm_head)
+            return layouts.linear(self.ln_f.decode(x), self.lm_head)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, rng=None) -> Tensor:

@@ -19,5 +19,5 @@ class DecoderBlock(Module):
 
     def decode(self, x, kv_cache: KVCache, layouts: DecodeLayouts):
         """forward in inference for one new token per sequence, on raw arrays (no graph): x (B, C) -> (B, C)."""
-        x = x + self.attn.decode(self.norm1(Tensor(x)).data, kv_cache, layouts)
-        return x + self.mlp.decode(self.norm2(Tensor(x)).data, layouts)
+        x = x + self.attn.decode(self.norm1.decode(x), kv_cache, layouts)
+        return x + self.mlp.decode(self.norm2.decode(x), layouts)

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
+from ..functional.normalization import layer_norm_study_forward, rms_norm_study_forward
 from ..tensor import Tensor
 from .module import Module, Parameter, init_skipped
 
@@ -104,6 +105,11 @@ class LayerNorm(Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, self.dim, self.weight, self.bias, self.eps)
 
+    def decode(self, x):
+        """forward in inference on a few rows of raw arrays (decoding: no graph): the study formula, whose few
+        whole-array passes cost less on a handful of rows than the tuned op's blocks and saved statistics."""
+        return layer_norm_study_forward(x, self.weight.data, None if self.bias is None else self.bias.data, self.eps)[0]
+
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
 
@@ -116,6 +122,10 @@ class RMSNorm(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, self.dim, self.weight, self.eps)
+
+    def decode(self, x):
+        """forward in inference on a few rows of raw arrays (decoding), as LayerNorm.decode."""
+        return rms_norm_study_forward(x, self.weight.data, self.eps)[0]
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
