@@ -52,6 +52,11 @@ ALLOWED_CALLS = {
     ("attention/naive.py", "sqrt"): "of the head dim, a Python int",
     ("functional/indexing.py", "asarray"): "indices given as host data (lists, NumPy arrays), moved to the device",
     ("functional/shape.py", "asarray"): "repeat_interleave reads its counts on the host: they set the output's length",
+    ("functional/arithmetic.py", "array"): "a Python number as a 0-d array for a NumPy tensor only; a CuPy tensor gets "
+                                           "a NumPy scalar",
+    ("functional/expression.py", "array"): "the NumPy program's scalar slots: CuPy arrays run the ElementwiseKernel",
+    ("functional/expression.py", "empty"): "the NumPy program's block registers: CuPy arrays run the ElementwiseKernel",
+    ("functional/expression.py", "empty_like"): "numexpr's locals: numexpr takes only host arrays",
     **{("functional/pooling.py", name): "window counts and interpolation matrices are built on the host from the "
        "sizes alone, then moved to the device"
        for name in ("arange", "minimum", "maximum", "floor", "zeros", "outer", "add.at")},
