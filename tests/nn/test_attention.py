@@ -4,7 +4,6 @@ import pytest
 import tinytf
 from tinytf import nn
 from tinytf.nn.layers import DecodeLayouts
-from tinytf.testing import gradcheck
 
 
 def _reference_attention(x, attention):

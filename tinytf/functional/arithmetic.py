@@ -302,14 +302,18 @@ def _number_in_dtype_of(tensor, number):
     return None
 
 
+def _commutative(number_op, tensor_op, a, b) -> Tensor:
+    """a op b for a commutative op: number_op when one side is a Python number that needs no promotion, whichever
+    side it is on, else tensor_op with promotion."""
+    for tensor, number in ((a, b), (b, a)):
+        scalar = _number_in_dtype_of(tensor, number)
+        if scalar is not None:
+            return number_op.apply(tensor, scalar=scalar)
+    return _binary(tensor_op, a, b)
+
+
 def add(a, b) -> Tensor:
-    scalar = _number_in_dtype_of(a, b)
-    if scalar is not None:
-        return AddScalar.apply(a, scalar=scalar)
-    scalar = _number_in_dtype_of(b, a)
-    if scalar is not None:
-        return AddScalar.apply(b, scalar=scalar)
-    return _binary(Add, a, b)
+    return _commutative(AddScalar, Add, a, b)
 
 
 def sub(a, b) -> Tensor:
@@ -321,13 +325,7 @@ def sub(a, b) -> Tensor:
 
 
 def mul(a, b) -> Tensor:
-    scalar = _number_in_dtype_of(a, b)
-    if scalar is not None:
-        return MulScalar.apply(a, scalar=scalar)
-    scalar = _number_in_dtype_of(b, a)
-    if scalar is not None:
-        return MulScalar.apply(b, scalar=scalar)
-    return _binary(Mul, a, b)
+    return _commutative(MulScalar, Mul, a, b)
 
 
 def true_divide(a, b) -> Tensor:
