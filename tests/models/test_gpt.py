@@ -178,8 +178,8 @@ def test_the_model_trains_and_generates_alike_on_every_device(device, preset):
         loss.backward()
         grads = [p.grad for p in model.parameters()]
         # eps 1e-6, not 1e-8: the key bias's gradient is zero in exact arithmetic (a shift of every score of a row),
-        # so it is rounding noise of ~1e-13 that differs between devices, and Adam's first step g / (|g| + eps) would
-        # turn that noise into steps of the size of lr * 1e-5.
+        # so it is rounding noise that differs between devices, and Adam's first step lr * g / (|g| + eps) turned
+        # that noise into steps as large as this test's tolerance (about 1e-6).
         AdamW(model.parameters(), lr=1e-2, eps=1e-6).step()
         return model, loss.item(), grads
 
