@@ -1,5 +1,7 @@
 """tinytf.set_num_threads sets BLAS, numexpr and flash attention's pool together, and None restores them."""
 
+import multiprocessing
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -42,3 +44,21 @@ def test_set_num_threads_sets_blas_numexpr_and_flash_and_none_restores(restored)
 def test_set_num_threads_rejects_what_is_not_a_positive_integer(bad, restored):
     with pytest.raises(ValueError, match="positive integer"):
         tinytf.set_num_threads(bad)
+
+
+def _run_on_two_workers(results) -> None:
+    results.put(tinytf.threads.run_on_workers(lambda item: item * 2, [1, 2, 3, 4], 2))
+
+
+def test_a_forked_child_gets_its_own_worker_pool(restored):
+    """A child forked after the parent used the pool inherits the pool object without its threads; it must make its
+    own rather than wait forever on work nobody takes."""
+    assert tinytf.threads.run_on_workers(lambda item: item, [1, 2], 2) == [1, 2]  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_run_on_two_workers, args=(results,))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and results.get(timeout=5) == [2, 4, 6, 8]

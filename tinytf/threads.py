@@ -63,6 +63,8 @@ def get_num_threads() -> int:
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+# A forked child inherits the pools but not their threads: work handed to them would wait forever. It starts afresh.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def run_on_workers(work, items: list, n_threads: int) -> list:
