@@ -3,6 +3,9 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 
 from tinytf.data import (
     MAX_VOCAB_SIZE,
@@ -11,6 +14,7 @@ from tinytf.data import (
     Corpus,
     TokenDataset,
     default_corpus,
+    document_positions,
     prepare_dataset,
     prepare_shards,
     read_text,
@@ -373,3 +377,27 @@ def test_a_split_of_single_array_draws_the_batches_of_a_one_shard_list():
         np.testing.assert_array_equal(as_array.get_batch("t")[0], as_list.get_batch("t")[0])
     with pytest.raises(ValueError, match=r"has 12 tokens in 2 files, fewer than block_size \+ 1 = 9 in any one"):
         BatchSampler({"t": [tokens[:6], tokens[:6]]}, 4, 8)
+
+
+def test_document_positions_restart_after_each_end_of_text_and_at_each_row():
+    eot = 9
+    ids = np.array([[1, 2, eot, 3, 4, eot, eot, 5],
+                    [eot, 6, 7, 8, 1, 2, 3, eot]])
+    expected = np.array([[0, 1, 2, 0, 1, 2, 0, 0],
+                         [0, 0, 1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(document_positions(ids, eot), expected)
+
+
+@given(arrays(np.int64, array_shapes(min_dims=2, max_dims=2, max_side=12), elements=st.integers(0, 3)))
+def test_document_positions_count_tokens_since_the_last_end_of_text(ids):
+    positions = document_positions(ids, eot_id=0)
+    for row, row_positions in zip(ids, positions):
+        since = 0
+        for t, token in enumerate(row):
+            assert row_positions[t] == since
+            since = 0 if token == 0 else since + 1
+
+
+def test_document_positions_need_a_batch_of_rows():
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        document_positions(np.arange(5), eot_id=0)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .tokenization import MAX_VOCAB_SIZE, CharTokenizer, tokenizer_from_dict
 
 __all__ = ["MAX_VOCAB_SIZE", "CharTokenizer", "Corpus", "TokenDataset", "BatchSampler", "prepare_dataset",
-           "prepare_shards", "token_dtype", "read_text", "default_corpus"]
+           "prepare_shards", "token_dtype", "read_text", "default_corpus", "document_positions"]
 
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
@@ -525,3 +525,22 @@ class BatchSampler:
             raise ValueError(f"sampler state has splits {sorted(state)}, expected {sorted(self._generators)}")
         for split, generator in self._generators.items():
             generator.bit_generator.state = state[split]
+
+
+def document_positions(ids: np.ndarray, eot_id: int) -> np.ndarray:
+    """int64 (B, T): each token's position inside its document, for windows that pack several documents.
+
+    A document ends with the end-of-text token `eot_id`; the token after it starts the next one at position 0, as
+    does each row's first token. Given to the model as `position_ids`, these keep attention inside each document
+    (the runs that start at 0, attended as variable-length sequences) and restart the positional encoding.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"document_positions: ids must be (B, T), got shape {ids.shape}")
+    starts = np.zeros(ids.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eot_id
+    flat_starts = starts.ravel()
+    start_indices = np.flatnonzero(flat_starts)
+    document_of_token = np.cumsum(flat_starts) - 1
+    return (np.arange(ids.size) - start_indices[document_of_token]).reshape(ids.shape)
