@@ -8,12 +8,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def reference_attention(q, k, v, dO=None, scale=None, is_causal=False, attn_mask=None, dtype=np.float64):
+def reference_attention(q, k, v, dO=None, scale=None, is_causal=False, attn_mask=None, dtype=np.float64, window=None,
+                        softcap=None, alibi_slopes=None, dropout_keep=None, dropout_p=0.0):
     """q (B, Hq, T, D), k, v (B, Hkv, S, D) -> O, or (O, dq, dk, dv) when dO is given; computed in `dtype`.
 
     The tests take it in a higher precision as the truth and measure float32 and float64 errors against it.
 
     attn_mask: bool (True = keep) or additive float, broadcastable to (B, Hq, T, S). Rows that see no key give 0.
+    window (left, right), -1 unbounded: query i (at position i + S - T) sees keys i + S - T - left ... i + S - T +
+    right; is_causal makes right 0. softcap: s -> softcap * tanh(s / softcap) after scaling; alibi_slopes (Hq,) or
+    (B, Hq): s -> s - slope * |i + S - T - j| after that. dropout_keep: bool (B, Hq, T, S), the weights kept (and
+    divided by 1 - dropout_p) after the softmax.
     """
     q, k, v = (np.asarray(x, dtype=dtype) for x in (q, k, v))
     B, Hq, T, D = q.shape
@@ -23,9 +28,22 @@ def reference_attention(q, k, v, dO=None, scale=None, is_causal=False, attn_mask
     dtype = np.dtype(dtype).type
     k_rep, v_rep = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
     scores = q @ k_rep.transpose(0, 1, 3, 2) * dtype(scale)
+    capped = None
+    if softcap is not None:
+        capped = np.tanh(scores / dtype(softcap))
+        scores = dtype(softcap) * capped
+    position = np.arange(T)[:, None] + (S - T)  # each query's own position among the keys
+    j = np.arange(S)[None, :]
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=dtype), (B, Hq))
+        scores = scores - slopes[:, :, None, None] * np.abs(position - j).astype(dtype)
+    left, right = (-1, -1) if window is None else window
+    right = 0 if is_causal else right
     keep = np.ones((T, S), dtype=bool)
-    if is_causal:
-        keep = np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+    if left != -1:
+        keep &= j >= position - left
+    if right != -1:
+        keep &= j <= position + right
     if attn_mask is not None and np.asarray(attn_mask).dtype == bool:
         keep = keep & np.asarray(attn_mask)
     elif attn_mask is not None:
@@ -36,13 +54,16 @@ def reference_attention(q, k, v, dO=None, scale=None, is_causal=False, attn_mask
     e = np.exp(scores - m)
     l = e.sum(axis=-1, keepdims=True)
     P = e / np.where(l > 0, l, 1)
-    O = P @ v_rep
+    dropped = np.ones_like(P) if dropout_keep is None else np.where(dropout_keep, 1 / dtype(1 - dropout_p), 0)
+    O = (P * dropped) @ v_rep
     if dO is None:
         return O
     dO = np.asarray(dO, dtype=dtype)
-    dv = P.transpose(0, 1, 3, 2) @ dO
-    dP = dO @ v_rep.transpose(0, 1, 3, 2)
+    dv = (P * dropped).transpose(0, 1, 3, 2) @ dO
+    dP = (dO @ v_rep.transpose(0, 1, 3, 2)) * dropped
     dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+    if capped is not None:
+        dS = dS * (1 - capped**2)  # d/ds of softcap * tanh(s / softcap)
     dq = dS @ k_rep * dtype(scale)
     dk = dS.transpose(0, 1, 3, 2) @ q * dtype(scale)
     # Each K/V head fed G query heads: its gradient is the sum over them.

@@ -88,3 +88,40 @@ def test_the_kernels_refuse_inputs_of_two_dtypes():
     k = tinytf.zeros(1, 2, 4, 64, dtype=tinytf.float16)
     with pytest.raises(TypeError, match="one dtype, but q is bfloat16 and k float16"):
         cuda.emulated_attention(q, k, k, is_causal=False, scale=0.125)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device or the CuPy stand-in (TINYTF_CUDA_STANDIN=1)")
+def test_features_on_cuda_equal_the_emulated_kernels_bit_for_bit():
+    """Window, softcap, ALiBi (B, Hq) and dropout, dense and packed, reach the float32 kernels through autograd on
+    "cuda" exactly as on the emulator (their meaning is tested in tests/kernels/test_attention_mask_cuda.py)."""
+    rng = np.random.default_rng(3)
+    q, k, v, grad_out = (rng.standard_normal(shape, dtype=np.float32)
+                         for shape in ((2, 4, 21, 16), (2, 2, 30, 16), (2, 2, 30, 16), (2, 4, 21, 16)))
+    slopes = rng.uniform(0, 0.5, (2, 4)).astype(np.float32)
+    features = dict(is_causal=True, scale=0.25, window=(9, -1), softcap=2.0, dropout_p=0.3, dropout_seed=2**33 + 1,
+                    dropout_offset=4)
+    packed = [x.transpose(0, 2, 1, 3).reshape(-1, *x.shape[1::2]) for x in (q, k, v, grad_out)]  # (B * L, H, d)
+    cu_seqlens_q, cu_seqlens_k = np.array([0, 5, 42], dtype=np.int32), np.array([0, 30, 60], dtype=np.int32)
+    calls = {
+        "dense": ((q, k, v, grad_out), lambda *x, **f: cuda.launch_attention(*x, **f),
+                  lambda *x, **f: cuda.emulated_attention(*x, **f), dict(alibi_slopes=slopes)),
+        "packed": (packed, lambda *x, **f: cuda.launch_varlen_attention(*x, cu_seqlens_q, cu_seqlens_k, 37, 30, **f),
+                   lambda *x, **f: cuda.emulated_varlen_attention(*x, cu_seqlens_q, cu_seqlens_k, 37, 30, **f),
+                   dict(alibi_slopes=slopes[0])),
+    }
+    for name, (arrays, on_cuda, emulated, alibi) in calls.items():
+        results = []
+        for device, attention in (("cuda", on_cuda), ("cpu", emulated)):
+            tensors = [tinytf.tensor(x, device=device, requires_grad=True) for x in arrays[:3]]
+            slopes_on_device = {key: tinytf.tensor(value, device=device) for key, value in alibi.items()}
+            out = attention(*tensors, **features, **slopes_on_device)
+            out.backward(tinytf.tensor(arrays[3], device=device))
+            results.append([out.numpy(), *(tinytf.Tensor(x.grad).numpy() for x in tensors)])
+        for on_cuda_result, on_cpu_result in zip(*results):
+            assert np.array_equal(on_cuda_result, on_cpu_result), name
+
+
+def test_dropout_p_of_one_is_named():
+    q = tinytf.zeros(1, 2, 4, 64)
+    assert cuda.unsupported_reason(q, q, device_kind="cpu", dropout_p=1.0) == "dropout_p must be in [0, 1), got 1.0"
+    assert cuda.unsupported_reason(q, q, device_kind="cpu", dropout_p=0.5) is None

@@ -12,6 +12,7 @@ import tinytf
 from attention.attention_reference import assert_as_accurate_as_naive, reference_attention
 from tinytf.attention import AUTO_FLASH_MIN_SCORES, _choose_backend, scaled_dot_product_attention
 from tinytf.attention import cuda as cuda_backend
+from tinytf.attention.dropout import dropout_keep
 from tinytf.testing import gradcheck
 
 
@@ -40,9 +41,7 @@ def attention_with_grads(backend, q, k, v, dO, **options):
 def problems(draw):
     Hkv, G = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
     T, S = draw(st.integers(1, 40)), draw(st.integers(1, 40))
-    is_causal = draw(st.booleans())
-    if is_causal and T > S:
-        T, S = S, T
+    is_causal = draw(st.booleans())  # with T > S, the first T - S queries see no key
     return dict(B=draw(st.integers(1, 2)), Hq=Hkv * G, Hkv=Hkv, T=T, S=S, D=draw(st.sampled_from([3, 16, 59])),
                 is_causal=is_causal, key_padding=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)),
                 dtype=draw(st.sampled_from([np.float32, np.float64])))
@@ -170,6 +169,7 @@ def test_auto_picks_flash_for_long_sequences_and_naive_otherwise():
     assert _choose_backend(long, long, None) == "flash"
     assert _choose_backend(long, long, np.ones((1, 1, 1, long.shape[2]), dtype=bool)) == "flash"
     assert _choose_backend(long, long, np.zeros((1, 1, long.shape[2], long.shape[2]))) == "naive"  # additive
+    assert _choose_backend(long, long, None, {"dropout_p": 0.1, "window": (4, 0), "softcap": 5.0}) == "flash"
     q, k, v, _ = random_qkv(1, 2, 1, 6, 6, 4)
     np.testing.assert_allclose(scaled_dot_product_attention(*tensors(q, k, v), is_causal=True).numpy(),
                                reference_attention(q, k, v, is_causal=True), rtol=1e-12)
@@ -199,20 +199,14 @@ def test_dropout_zeroes_attention_weights_and_scales_the_rest(p):
     assert 0.5 * p < 1 - kept[visible].mean() < 1.5 * p, "about a fraction p of the weights must be dropped"
 
 
-@pytest.mark.parametrize("backend", ["flash", "cuda"])
-def test_dropout_is_refused_by_the_tiled_backends(backend):
-    with pytest.raises(ValueError, match="no dropout"):
-        sdpa_shapes((1, 2, 4, 8), (1, 2, 4, 8), dropout_p=0.1, backend=backend)
-
-
 def test_a_decoding_step_builds_no_causal_mask(monkeypatch):
     import tinytf.attention as attention
 
     seen = []
-    monkeypatch.setattr(attention, "naive_attention", lambda *args, is_causal, **kwargs: seen.append(is_causal))
+    monkeypatch.setattr(attention, "naive_attention", lambda *args, window, **kwargs: seen.append(window))
     for T in (1, 2):
         scaled_dot_product_attention(*tensors(*random_qkv(1, 2, 2, T, 5, 4)[:3]), is_causal=True, backend="naive")
-    assert seen == [False, True]
+    assert seen == [(-1, -1), (-1, 0)]
 
 
 def test_nn_functional_holds_the_ops_and_attention():
@@ -233,9 +227,23 @@ def sdpa_shapes(q_shape, k_shape, v_shape=None, **options):
     return scaled_dot_product_attention(q, k, v, **options)
 
 
-def test_causal_with_more_queries_than_keys_is_an_error():
-    with pytest.raises(ValueError, match=r"is_causal needs T <= S.*T=5.*S=3"):
-        sdpa_shapes((1, 1, 5, 4), (1, 1, 3, 4), is_causal=True)
+@pytest.mark.parametrize("options, message", [
+    (dict(softcap=0.0), r"softcap must be None or a finite number > 0, got 0\.0"),
+    (dict(softcap=-2), r"softcap .* got -2"),
+    (dict(softcap=float("inf")), r"softcap .* got inf"),
+    (dict(window=(2, -3)), r"window must be .* got \(2, -3\)"),
+    (dict(window=(1.0, 2)), r"window must be .* got \(1\.0, 2\)"),
+    (dict(window=3), r"window must be .* got 3"),
+    (dict(alibi_slopes=np.ones(3)), r"alibi_slopes must have shape \(2,\) or \(1, 2\).*got shape \(3,\)"),
+    (dict(alibi_slopes=np.ones((2, 2))), r"alibi_slopes .* got shape \(2, 2\)"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), r"dropout_seed must be an int in \[0, 2\*\*64\), got 1\.5"),
+    (dict(dropout_p=0.1, dropout_seed=-1), r"dropout_seed .* got -1"),
+    (dict(dropout_p=0.1, dropout_offset=2**32), r"dropout_offset must be an int in \[0, 2\*\*32\), got 4294967296"),
+    (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1\.0"),
+])
+def test_bad_score_and_dropout_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        sdpa_shapes((1, 2, 4, 8), (1, 2, 4, 8), backend="naive", **options)
 
 
 @pytest.mark.parametrize("mask_shape, dtype", [((1, 1, 4, 4), bool), ((1, 1, 1, 4), np.float32), ((4, 4), bool)])
@@ -315,3 +323,107 @@ def test_auto_takes_bfloat16_on_every_device(device, T):
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=2**-7, atol=2**-7 * 1e-3)
     out.backward(tinytf.tensor(dO.astype(tinytf.bfloat16), device=device))
     assert {tensor.grad.dtype for tensor in inputs} == {tinytf.bfloat16}
+
+
+# --- windows, softcap, ALiBi, T > S, dropout ---------------------------------------------------------------------
+
+
+@st.composite
+def feature_problems(draw):
+    """The ragged grid with every score option: lengths 1, 17, 97 and small ones, T != S either way, odd head sizes,
+    windows narrower than, equal to and wider than the sequence, key padding that hides whole rows, dropout."""
+    Hkv, G = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
+    B, T, S = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 5, 17, 97])), draw(st.sampled_from([1, 3, 17, 97]))
+    bound = st.sampled_from([-1, 0, 1, 4, T - 1, T, S, 200])
+    window = draw(st.one_of(st.none(), st.tuples(bound, bound)))
+    slopes_shape = draw(st.sampled_from([None, (Hkv * G,), (B, Hkv * G)]))
+    return dict(B=B, Hq=Hkv * G, Hkv=Hkv, T=T, S=S, D=draw(st.sampled_from([1, 3, 17])), window=window,
+                is_causal=draw(st.booleans()), softcap=draw(st.sampled_from([None, 0.5, 5.0, 30.0])),
+                slopes_shape=slopes_shape, key_padding=draw(st.booleans()),
+                dropout_p=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def feature_options(problem, rng):
+    """scaled_dot_product_attention's keywords for `problem`, with random slopes and key padding."""
+    slopes = None
+    if problem["slopes_shape"] is not None:
+        slopes = rng.uniform(0, 1, problem["slopes_shape"]).astype(np.float32)
+    mask = rng.random((problem["B"], 1, 1, problem["S"])) < 0.7 if problem["key_padding"] else None
+    return dict(window=problem["window"], is_causal=problem["is_causal"], softcap=problem["softcap"],
+                alibi_slopes=slopes, attn_mask=mask)
+
+
+def dropout_options(problem):
+    """The dropout keywords of `problem` for the op, and for the reference its keep mask (B, Hq, T, S)."""
+    p, seed = problem["dropout_p"], problem["seed"]
+    if p == 0:
+        return {}, {}
+    B, Hq, T, S = (problem[n] for n in ("B", "Hq", "T", "S"))
+    keep = dropout_keep(seed, 0, np.arange(B * Hq)[:, None, None], np.arange(T)[None, :, None],
+                        np.arange(S)[None, None, :], p, np)
+    return dict(dropout_p=p, dropout_seed=seed), dict(dropout_p=p, dropout_keep=keep.reshape(B, Hq, T, S))
+
+
+@settings(max_examples=max(20, settings.default.max_examples))
+@given(problem=feature_problems())
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_backends_match_the_reference_with_windows_softcap_alibi_and_dropout(backend, problem):
+    q, k, v, dO = random_qkv(*(problem[n] for n in ("B", "Hq", "Hkv", "T", "S", "D")), seed=problem["seed"])
+    q = 3 * q  # scores of several units, so that softcap bends them
+    options = feature_options(problem, np.random.default_rng(problem["seed"]))
+    dropout, reference_dropout = dropout_options(problem)
+    got = attention_with_grads(backend, q, k, v, dO, **options, **dropout)
+    want = reference_attention(q, k, v, dO, **options, **reference_dropout)
+    for name, g, w in zip(("O", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_causal_with_more_queries_than_keys_gives_the_early_queries_zeros(backend):
+    """T = 7 queries over S = 3 keys: query i sits at position i - 4, so queries 0..3 see no key."""
+    q, k, v, dO = random_qkv(2, 2, 1, 7, 3, 5, seed=3)
+    out, dq, dk, dv = attention_with_grads(backend, q, k, v, dO, is_causal=True)
+    assert not out[:, :, :4].any() and not dq[:, :, :4].any() and np.isfinite(out).all()
+    for got, want in zip((out, dq, dk, dv), reference_attention(q, k, v, dO, is_causal=True)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # query 4 sits at position 0: it sees key 0 alone, so its output is v's row 0
+    np.testing.assert_allclose(out[:, :, 4], np.repeat(v[:, :, 0], 2, axis=1), rtol=1e-12)
+
+
+def test_a_window_narrower_than_the_sequence_hides_keys_on_both_sides():
+    """window (1, 1) over 5 keys: query 2 sees keys 1, 2, 3 only; with V = the identity O is its attention row."""
+    q, k, _, _ = random_qkv(1, 1, 1, 5, 5, 5, seed=5)
+    out = scaled_dot_product_attention(*tensors(q, k, np.eye(5)[None, None]), window=(1, 1), backend="naive").numpy()
+    np.testing.assert_array_equal(out[0, 0] > 0, np.abs(np.subtract.outer(range(5), range(5))) <= 1)
+    np.testing.assert_allclose(out.sum(axis=-1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+def test_a_long_sequence_with_every_option_matches_the_reference(backend):
+    """T = S = 1025 (past every tile size), a sliding window of 100 under the causal mask, softcap and ALiBi."""
+    q, k, v, dO = random_qkv(1, 1, 1, 1025, 1025, 3, seed=2)
+    options = dict(window=(100, 7), is_causal=True, softcap=2.0, alibi_slopes=np.array([0.0625], np.float32))
+    got = attention_with_grads(backend, q, k, v, dO, **options)
+    for g, w in zip(got, reference_attention(q, k, v, dO, **options)):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["naive", "flash"])
+@pytest.mark.parametrize("options", [
+    dict(softcap=0.7),
+    dict(alibi_slopes=np.array([[0.5, 0.25], [1.0, 0.125]], np.float32), is_causal=True),
+    dict(softcap=1.5, alibi_slopes=np.array([0.3, 0.7], np.float32), window=(1, 0), dropout_p=0.3, dropout_seed=4),
+])
+def test_gradcheck_softcap_alibi_and_dropout_in_float64(backend, options):
+    q, k, v, _ = random_qkv(2, 2, 1, 3, 4, 3, seed=12)
+    assert gradcheck(lambda q, k, v: scaled_dot_product_attention(q, k, v, backend=backend, **options),
+                     *tensors(2 * q, k, v))
+
+
+def test_alibi_slopes_given_as_a_tensor_are_not_differentiated():
+    q, k, v, dO = random_qkv(1, 2, 2, 4, 4, 3, seed=13)
+    slopes = tinytf.tensor(np.array([0.5, 1.0], np.float32), requires_grad=True)
+    out = scaled_dot_product_attention(*tensors(q, k, v), alibi_slopes=slopes, backend="naive")
+    out.backward(dO)
+    assert slopes.grad is None
+    np.testing.assert_allclose(out.numpy(), reference_attention(q, k, v, alibi_slopes=[0.5, 1.0]), rtol=1e-12)

@@ -66,13 +66,13 @@ def masked_scores(case: AttentionCase, dtype) -> np.ndarray:
 
 
 def reference_logsumexp(case: AttentionCase) -> np.ndarray:
-    """float64 L = log sum_j exp(S_ij) over visible keys, +inf for a query that sees none: (B, Hq, T)."""
+    """float64 L = log sum_j exp(S_ij) over visible keys, -inf for a query that sees none: (B, Hq, T)."""
     scores = masked_scores(case, np.float64)
     peak = np.max(scores, axis=-1, keepdims=True)
     peak = np.where(np.isfinite(peak), peak, 0.0)
     total = np.exp(scores - peak).sum(axis=-1)
     with np.errstate(divide="ignore"):
-        return np.where(total > 0, peak[..., 0] + np.log(total), np.inf)
+        return np.where(total > 0, peak[..., 0] + np.log(total), -np.inf)
 
 
 def naive_float32_gradients_by_output(case: AttentionCase, out: np.ndarray):
@@ -119,6 +119,100 @@ def assert_matches_reference(case: AttentionCase, out, logsumexp=None, grads=Non
     if logsumexp is not None:
         expected = reference_logsumexp(case)
         logsumexp = to_numpy(logsumexp)
-        assert np.array_equal(np.isinf(logsumexp), np.isinf(expected)), "L: rows without visible keys differ"
+        assert np.array_equal(logsumexp == -np.inf, expected == -np.inf), "L: rows without visible keys differ"
         finite = np.isfinite(expected)
         assert np.abs(logsumexp[finite] - expected[finite]).max(initial=0.0) <= 1e-5 * (1 + np.abs(expected).max())
+
+
+# Issue 17's features, for padded inputs with per-batch lengths T_b, S_b (offset S_b - T_b), written from the issue:
+#     s = scale q.k;  s = c tanh(s / c);  s -= slope |i + offset - j|;  hidden keys -> -inf;  P = softmax(s)
+#     O = (P * Z) V with Z = keep / (1 - p) from Philox4x32-10;  a row that sees no key gives 0 and L = -inf.
+# A kernel may be ERROR_MULTIPLE times further from float64 than the same formulas in float32 are, plus ERROR_FLOOR.
+PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+
+
+def philox_word0(c0, c1, c2, c3, seed: int):
+    """Word 0 of Philox4x32-10 (Salmon et al. 2011) on uint64 arrays holding 32-bit values."""
+    low = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) for x in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for round_index in range(10):
+        if round_index:
+            k0, k1 = (k0 + np.uint64(PHILOX_W0)) & low, (k1 + np.uint64(PHILOX_W1)) & low
+        p0, p1 = c[0] * np.uint64(PHILOX_M0), c[2] * np.uint64(PHILOX_M1)
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & low, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & low]
+    return c[0]
+
+
+def feature_reference(q, k, v, grad_out, *, scale, dtype, query_lens=None, key_lens=None, key_keep=None,
+                      window=(-1, -1), softcap=None, alibi=None, dropout_p=0.0, seed=0, offset=0):
+    """(out, L, dq, dk, dv) of padded (B, H, T|S, d) inputs, in `dtype`. key_keep: (B, S), False hides a key."""
+    B, Hq, T, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    query_lens = np.full(B, T) if query_lens is None else np.asarray(query_lens)
+    key_lens = np.full(B, S) if key_lens is None else np.asarray(key_lens)
+    q, grad_out = q.astype(dtype), grad_out.astype(dtype)
+    k, v = (np.repeat(x.astype(dtype), group, axis=1) for x in (k, v))
+    i = np.arange(T)[None, None, :, None]
+    j = np.arange(S)[None, None, None, :]
+    Tb, Sb = query_lens[:, None, None, None], key_lens[:, None, None, None]
+    position = i + Sb - Tb
+    visible = (i < Tb) & (j < Sb)
+    if window[0] >= 0:
+        visible &= j >= position - window[0]
+    if window[1] >= 0:
+        visible &= j <= position + window[1]
+    if key_keep is not None:
+        visible = visible & key_keep.astype(bool)[:, None, None, :]
+    visible = np.broadcast_to(visible, (B, Hq, T, S))
+    raw = (q @ k.transpose(0, 1, 3, 2)) * dtype(scale)
+    capped = softcap * np.tanh(raw / dtype(softcap)) if softcap else raw
+    slopes = np.zeros((B, Hq)) if alibi is None else np.broadcast_to(alibi, (B, Hq))
+    scores = capped - slopes[:, :, None, None].astype(dtype) * np.abs(position - j).astype(dtype)
+    scores = np.where(visible, scores, -np.inf)
+    peak = scores.max(axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0)
+    weights = np.exp(scores - peak)
+    total = weights.sum(axis=-1, keepdims=True)
+    P = weights / np.where(total > 0, total, 1)
+    with np.errstate(divide="ignore"):
+        L = np.where(total[..., 0] > 0, peak[..., 0] + np.log(total[..., 0]), -np.inf)
+    batch_head = (np.arange(B)[:, None] * Hq + np.arange(Hq)[None, :])[:, :, None, None]
+    u = philox_word0(j, i, batch_head, offset, seed)
+    Z = np.where(u >= np.uint64(int(dropout_p * 2**32)), dtype(1 / (1 - dropout_p)), dtype(0))
+    out = (P * Z) @ v
+    dP = (grad_out @ v.transpose(0, 1, 3, 2)) * Z
+    dS = P * (dP - (P * dP).sum(axis=-1, keepdims=True))
+    if softcap:
+        dS = dS * (1 - (capped / dtype(softcap)) ** 2)
+    dq = dS @ k * dtype(scale)
+    dk = (dS.transpose(0, 1, 3, 2) @ q * dtype(scale)).reshape(B, Hkv, group, S, -1).sum(axis=2)
+    dv = ((P * Z).transpose(0, 1, 3, 2) @ grad_out).reshape(B, Hkv, group, S, -1).sum(axis=2)
+    return out, L, dq, dk, dv
+
+
+def feature_inputs(B, Hq, Hkv, T, S, d, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape, dtype=np.float32) for shape in
+            ((B, Hq, T, d), (B, Hkv, S, d), (B, Hkv, S, d), (B, Hq, T, d))]
+
+
+def assert_matches_feature_reference(results, arrays, **options):
+    """results (out, L, dq, dk, dv), NumPy or CuPy arrays (L may be None), of arrays (q, k, v, grad_out) under the
+    keywords of feature_reference."""
+    exact = feature_reference(*arrays, dtype=np.float64, **options)
+    naive = feature_reference(*arrays, dtype=np.float32, **options)
+    for name, result, want, baseline in zip(("out", "L", "dq", "dk", "dv"), results, exact, naive):
+        if result is None:
+            continue
+        result = to_numpy(result)
+        if name == "L":
+            assert np.array_equal(result == -np.inf, want == -np.inf), "L: rows without visible keys differ"
+            finite = np.isfinite(want)
+            assert np.abs(result[finite] - want[finite]).max(initial=0) <= 1e-5 * (1 + np.abs(want[finite]).max())
+            continue
+        assert np.isfinite(result).all(), f"{name}: not finite"
+        error = np.abs(result - want).max()
+        allowed = ERROR_MULTIPLE * np.abs(baseline - want).max() + ERROR_FLOOR
+        assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g}"

@@ -1,4 +1,5 @@
-"""The emulator must catch real kernel bugs: each test breaks a copy of tinytf/kernels/flash_attention.cu in one place.
+"""The emulator must catch real kernel bugs: each test breaks a copy of tinytf/kernels/flash_attention.cu (or of the
+attention_mask.cuh it includes) in one place.
 
 The copies are made by editing the source text (the kernel carries no test switches), so a test fails loudly if the
 line it breaks is ever rewritten. Outcomes per schedule are printed in the terminal summary. Lockstep may miss a
@@ -15,46 +16,52 @@ import pytest
 from kernels.flash_cases import assert_matches_reference, make_case
 from tinytf.attention.cuda import FlashAttentionKernels
 from tinytf.kernels.emulator import SCHEDULES, EmulatedModule, EmulatorError, cache_dir
-from tinytf.kernels import FLASH_ATTENTION_SOURCE, flash_attention_variant
+from tinytf.kernels import FLASH_ATTENTION_SOURCE, KERNELS_DIR, flash_attention_variant
 
 HEAD_DIM = 16
 TILE_BARRIER = (
     "        __syncthreads();  // every warp is done with the previous K/V tile (and the first time: Q is loaded)\n"
 )
 WARP_BARRIER = "        __syncwarp();  // each lane reads the P of all 32 columns\n"
-CAUSAL_TEST = "key <= query + key_len - query_len"
+MASK_HEADER = KERNELS_DIR / "attention_mask.cuh"
+CAUSAL_TEST = "(window_right < 0 || key <= position + window_right)"  # in attention_mask.cuh
 WARP_ROWS = "    const float* my_q_rows = q_rows + warp * R * kHeadDim;\n"
 
-# name -> (text to find in the forward kernel, its replacement)
+# name -> (text to find in the forward kernel, or else in the header, its replacement)
 BREAKAGES = {
     "drop the K/V tile __syncthreads": (TILE_BARRIER, ""),
     "drop the __syncwarp before P V": (WARP_BARRIER, ""),
-    "causal mask shifted by one": (CAUSAL_TEST, "key < query + key_len - query_len"),
+    "causal mask shifted by one": (CAUSAL_TEST, "(window_right < 0 || key < position + window_right)"),
     "idle warps return early": (WARP_ROWS, WARP_ROWS + "    if (warp_first_query >= query_len) return;\n"),
 }
 
 
-def broken_source(name: str) -> str:
-    source = FLASH_ATTENTION_SOURCE.read_text()
+def broken_sources(name: str) -> dict[str, str]:
+    """{file name: text} of the kernel file and its header, one of them broken."""
+    source, header = FLASH_ATTENTION_SOURCE.read_text(), MASK_HEADER.read_text()
     find, replace = BREAKAGES[name]
-    assert source.count(find) >= 1, f"the kernel no longer contains the line this test breaks: {find.strip()!r}"
-    forward_end = source.index("flash_attention_backward_delta(")
-    return source[:forward_end].replace(find, replace, 1) + source[forward_end:]
+    assert source.count(find) + header.count(find) >= 1, \
+        f"the kernel no longer contains the line this test breaks: {find.strip()!r}"
+    if find in header:
+        header = header.replace(find, replace, 1)
+    else:
+        forward_end = source.index("flash_attention_backward_delta(")
+        source = source[:forward_end].replace(find, replace, 1) + source[forward_end:]
+    return {FLASH_ATTENTION_SOURCE.name: source, MASK_HEADER.name: header}
 
 
 @pytest.fixture(scope="module")
 def broken_paths():
-    """{name: path of the broken copy}, built for the emulator two at a time. The copies live in the emulator's cache
-    folder so that their builds are reused from one test run to the next."""
-    folder = cache_dir() / "broken-kernels"
-    folder.mkdir(parents=True, exist_ok=True)
+    """{name: path of the broken kernel file}, built for the emulator two at a time. Each copy lives, with its header,
+    in a folder of the emulator's cache, so that their builds are reused from one test run to the next."""
     paths = {}
     for name in BREAKAGES:
-        path = folder / (re.sub(r"\W+", "_", name).strip("_") + ".cu")
-        text = broken_source(name)
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-        paths[name] = path
+        folder = cache_dir() / "broken-kernels" / re.sub(r"\W+", "_", name).strip("_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for file_name, text in broken_sources(name).items():
+            if not (folder / file_name).exists() or (folder / file_name).read_text() != text:
+                (folder / file_name).write_text(text)
+        paths[name] = folder / FLASH_ATTENTION_SOURCE.name
     options = flash_attention_variant(HEAD_DIM).options
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(lambda path: EmulatedModule(path, options), paths.values()))

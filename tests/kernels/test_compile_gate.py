@@ -42,6 +42,17 @@ def test_every_variant_builds_within_budget(gate_results_by_build, head_dim, arc
     assert result.violations() == []
 
 
+def test_head_dims_past_128_keep_one_column_tile_in_48_kib():
+    """Two (32 x d+1) float32 column tiles alone take 2 * 32 * 257 * 4 = 65792 B at d = 256; one takes 32896 B, and
+    with R = 2 forward rows (8 x 256 of Q, 8 x 32 of P: 9216 B) or R = 1 backward row (two 4 x 256 row tiles, two 4 x 32
+    weight tiles: 9216 B) a block stays at 42112 B."""
+    assert [FlashAttentionVariant(d).column_tiles for d in HEAD_DIMS] == [2 if d <= 128 else 1 for d in HEAD_DIMS]
+    variant = FlashAttentionVariant(256)
+    assert "-DCOLUMN_TILES=1" in variant.options and "-DCOLUMN_TILES=2" in FlashAttentionVariant(128).options
+    assert (variant.forward_rows_per_warp, variant.backward_rows_per_warp) == (2, 1)
+    assert max(HEAD_DIMS) == 256
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_gate_builds_what_the_launcher_asks_cupy_for(monkeypatch, dtype):
     """The launcher's cupy.RawModule calls, recorded through a stand-in for CuPy, against the gate's code and options:
@@ -77,11 +88,14 @@ def test_kernel_source_inlines_the_headers_once_and_keeps_line_numbers():
     include = lines.index('#include "flash_attention_tc.cuh"')
     after = text.split(f'#line {include + 2} "{FLASH_ATTENTION_TC_SOURCE.name}"\n', 1)[1]
     assert after.splitlines()[0] == lines[include + 1]
-    assert kernel_source(FLASH_ATTENTION_SOURCE) == FLASH_ATTENTION_SOURCE.read_text()  # no local headers
+    float32 = kernel_source(FLASH_ATTENTION_SOURCE)
+    mask_header = FLASH_ATTENTION_SOURCE.with_name("attention_mask.cuh")
+    assert not re.search(r'^#include "|^#pragma once', float32, re.MULTILINE)
+    assert float32.count(f'#line 1 "{mask_header.name}"\n{mask_header.read_text().splitlines()[0]}\n') == 1
 
 
 def test_a_compile_error_shows_the_nvrtc_log():
-    broken = FLASH_ATTENTION_SOURCE.read_text().replace("constexpr int kWarps = 4;", "constexpr int kWarps = ;")
+    broken = kernel_source(FLASH_ATTENTION_SOURCE).replace("constexpr int kWarps = 4;", "constexpr int kWarps = ;")
     with pytest.raises(compile_gate.NvrtcError, match=r"flash_attention\.cu\(\d+\): error"):
         compile_gate.compile_with_nvrtc(broken, FLASH_ATTENTION_SOURCE.name,
                                         compile_gate.gate_options(FlashAttentionVariant(16), 80))

@@ -3,7 +3,8 @@
 Every launch goes through FlashAttentionKernels, the code that launches the kernels on a GPU, with outputs filled
 with NaN before each launch, so an element a kernel fails to write shows. Lockstep covers the whole grid; the three
 one-warp-at-a-time schedules, which expose missing barriers between warps, cover the lengths and head dims that
-exercise partial tiles, several tiles, and T != S both ways.
+exercise partial tiles, several tiles, and T != S both ways. Windows, softcap, ALiBi, dropout, variable lengths and
+head dims past 128 are tested in test_attention_mask_cuda.py.
 """
 
 from __future__ import annotations

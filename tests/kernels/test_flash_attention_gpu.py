@@ -1,5 +1,6 @@
-"""backend="cuda" on a real GPU: the grid of the emulated tests, through cuda_attention and autograd, on CuPy; and the
-bf16/fp16 tensor-core kernels through their launcher against the references of their emulated tests.
+"""backend="cuda" on a real GPU: the grid of the emulated tests, through cuda_attention and autograd, on CuPy; issue
+17's features (window, softcap, ALiBi, dropout, T > S causal, head dims past 128); and the bf16/fp16 tensor-core
+kernels through their launcher against the references of their emulated tests.
 
 Skipped where CuPy finds no CUDA device; there the compile gate and the emulator check the same kernels.
 """
@@ -10,7 +11,14 @@ import numpy as np
 import pytest
 
 from devices import STANDIN
-from kernels.flash_cases import HEAD_DIMS, LENGTH_PAIRS, assert_matches_reference, make_case
+from kernels.flash_cases import (
+    HEAD_DIMS,
+    LENGTH_PAIRS,
+    assert_matches_feature_reference,
+    assert_matches_reference,
+    feature_inputs,
+    make_case,
+)
 from kernels.tensor_core_reference import (
     ELEMENT_TYPES,
     assert_forward_matches_float64,
@@ -57,6 +65,29 @@ def test_gpu_head_groups_and_key_padding_match_reference(n_query_heads, n_kv_hea
                      hidden_keys=40, seed=2)
     out, grads = run_on_gpu(case, key_padding_mask=backend.to_device(case.key_keep.astype(bool), "cuda"))
     assert_matches_reference(case, out, grads=grads)
+
+
+# (T, S, head dim, is_causal, window, softcap, ALiBi slopes shape, dropout_p); the stand-in runs one, a GPU all.
+FEATURE_CASES = [(40, 24, 64, True, (8, -1), None, (4,), 0.0)] + ([] if STANDIN else [
+    (1025, 1025, 64, True, (256, -1), None, None, 0.0),  # a window much shorter than T: most key tiles skipped
+    (97, 1025, 128, False, (100, 100), 30.0, (2, 4), 0.1),
+    (256, 97, 256, True, (-1, -1), 5.0, (4,), 0.2),  # T > S causal, one column tile
+    (17, 256, 192, False, (-1, 3), None, (2, 4), 0.0),
+])
+
+
+@pytest.mark.parametrize("T, S, head_dim, is_causal, window, softcap, alibi, dropout_p", FEATURE_CASES)
+def test_gpu_features_match_reference(T, S, head_dim, is_causal, window, softcap, alibi, dropout_p):
+    arrays = feature_inputs(2, 4, 2, T, S, head_dim, seed=T + S)
+    slopes = None if alibi is None else np.random.default_rng(0).uniform(0.01, 0.3, alibi).astype(np.float32)
+    q, k, v = (on_gpu(x, requires_grad=True) for x in arrays[:3])
+    out = cuda_attention(q, k, v, is_causal=is_causal, scale=0.125, window=window, softcap=softcap,
+                         alibi_slopes=None if slopes is None else backend.to_device(slopes, "cuda"),
+                         dropout_p=dropout_p, dropout_seed=7, dropout_offset=1)
+    out.backward(on_gpu(arrays[3]))
+    assert_matches_feature_reference((out.data, None, q.grad, k.grad, v.grad), arrays, scale=0.125,
+                                     window=(window[0], 0 if is_causal else window[1]), softcap=softcap,
+                                     alibi=slopes, dropout_p=dropout_p, seed=7, offset=1)
 
 
 # On the CuPy stand-in the kernels run on the emulator, which tests/kernels/test_flash_attention_tc*.py already drive

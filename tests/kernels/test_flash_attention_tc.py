@@ -1,5 +1,6 @@
-"""tinytf/kernels/flash_attention_tc.cu, the bf16/fp16 tensor-core forward kernel: emulated against float64, broken
-copies that must fail, and NVRTC builds for every target.
+"""tinytf/kernels/flash_attention_tc.cu, the bf16/fp16 tensor-core forward kernel: emulated against float64 (with the
+features of issue 17: window, softcap, ALiBi, per-batch lengths, dropout), broken copies that must fail, and NVRTC
+builds for every target.
 
 Tolerance, as FlashAttention's tests set it: the kernel's largest error against float64 attention (of the same
 bf16/fp16 inputs) may be at most ERROR_MULTIPLE times the largest error of a naive attention that rounds where the
@@ -16,8 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from kernels.tensor_core_reference import ELEMENT_TYPES, assert_forward_matches_float64, element_case
-from tinytf.attention.cuda import FlashAttentionKernels
+from kernels.tensor_core_reference import (
+    ELEMENT_TYPES,
+    FEATURE_CASES,
+    assert_forward_matches_float64,
+    backward_case,
+    element_case,
+    launch_forward,
+    padding_poisoned,
+)
 from tinytf.kernels import (
     FLASH_ATTENTION_TC_SOURCE,
     TensorCoreVariant,
@@ -72,12 +80,11 @@ def emulated_builds():
     build_two_at_a_time([(head_dim, element) for head_dim in HEAD_DIMS for element in ELEMENT_TYPES])
 
 
-def run_forward(module: EmulatedModule, case, element: str) -> tuple[np.ndarray, np.ndarray]:
+def run_forward(module: EmulatedModule, case, element: str, inputs=None) -> tuple[np.ndarray, np.ndarray]:
     """The kernel's (out as float32 (B, Hq, T, d), logsumexp (B, Hq, T)) for the case, launched by
-    tinytf.attention.cuda's launcher as on a GPU (its backward kernels are never run here)."""
-    q, k, v = (x.astype(ELEMENT_TYPES[element]) for x in (case.q, case.k, case.v))
-    kernels = FlashAttentionKernels((module,), variant(q.shape[-1], element))
-    out, logsumexp = kernels.forward(q, k, v, case.key_keep, case.scale, case.is_causal)
+    tinytf.attention.cuda's launcher as on a GPU; `inputs`: (q, k, v) to launch with instead of the case's."""
+    assert case.q.dtype == ELEMENT_TYPES[element]
+    out, logsumexp = launch_forward(module, case, inputs=inputs)
     return out.astype(np.float32), logsumexp
 
 
@@ -111,13 +118,45 @@ def test_one_warp_at_a_time_matches_float64(emulated_builds, T, S, is_causal, sc
 @pytest.mark.parametrize("element", ELEMENT_TYPES)
 @pytest.mark.parametrize("n_kv_heads", (2, 1), ids=["GQA", "MQA"])
 def test_head_groups_and_key_padding_match_float64(emulated_builds, n_kv_heads, element):
-    """Hq = 4 query heads on fewer K/V heads; batch 0 masks every key (zeros, L = +inf), batch 1 its last 40 keys."""
+    """Hq = 4 query heads on fewer K/V heads; batch 0 masks every key (zeros, L = -inf), batch 1 its last 40 keys."""
     case = element_case(33, 70, 64, True, ELEMENT_TYPES[element], batch=2, n_query_heads=4, n_kv_heads=n_kv_heads,
                         hidden_keys=40, seed=3)
     case.key_keep[0] = 0
     out, logsumexp = run_forward(emulated_module(64, element, "warps-random"), case, element)
-    assert not out[0].any() and np.all(logsumexp[0] == np.inf)
+    assert not out[0].any() and np.all(logsumexp[0] == -np.inf)
     assert_forward_matches_float64(case, element, out, logsumexp)
+
+
+@pytest.mark.parametrize("element", ELEMENT_TYPES)
+@pytest.mark.parametrize("name", FEATURE_CASES)
+def test_features_match_float64(emulated_builds, name, element):
+    """Each feature of issue 17 alone, then all together; rows and keys past a batch entry's lengths hold NaN, which
+    the kernel must never read."""
+    T, S, is_causal, options = FEATURE_CASES[name]
+    case = backward_case(T, S, 64, is_causal, element, seed=6, **options)
+    out, logsumexp = run_forward(emulated_module(64, element, "warps-random"), case, element,
+                                 padding_poisoned(case)[:3])
+    assert_forward_matches_float64(case, element, out, logsumexp)
+
+
+def test_all_features_together_at_head_dim_128(emulated_builds):
+    """Bc = 32 key tiles instead of 64: other tile edges for the window and the lengths."""
+    T, S, is_causal, options = FEATURE_CASES["all together"]
+    case = backward_case(T, S, 128, is_causal, "float16", seed=9, **options)
+    out, logsumexp = run_forward(emulated_module(128, "float16", "warps-reverse"), case, "float16",
+                                 padding_poisoned(case)[:3])
+    assert_forward_matches_float64(case, "float16", out, logsumexp)
+
+
+def test_key_tiles_outside_the_window_are_never_read(emulated_builds):
+    """One query at the end of 256 keys with a causal window of 16 sees keys 239..255, all in the last key tile
+    (Bc = 64): the keys of the other tiles hold NaN, which a kernel that masked those tiles instead of skipping them
+    would carry into the output (0 x NaN)."""
+    case = backward_case(1, 256, 64, True, "bfloat16", seed=7, window=(16, -1))
+    q, k, v = case.q, case.k.copy(), case.v.copy()
+    k[:, :, :192] = v[:, :, :192] = np.nan
+    out, logsumexp = run_forward(emulated_module(64, "bfloat16"), case, "bfloat16", (q, k, v))
+    assert_forward_matches_float64(case, "bfloat16", out, logsumexp)
 
 
 def test_results_are_identical_under_every_schedule(emulated_builds):
@@ -136,12 +175,12 @@ def test_results_are_identical_under_every_schedule(emulated_builds):
 # every warp waits for its own copies before any warp reads the tile, which hides it (as cuda_emulator.h says).
 
 TILE_WAIT = "        cp_async_wait<0>();  // this thread's copies of tile `tile` have landed\n"
-TILE_BARRIER = "        __syncthreads();\n        if (tile + 1 < n_key_tiles)"
+TILE_BARRIER = "        __syncthreads();\n        const int tile_first_key"
 P_FRAGMENT_A1 = "            pack2<Element>(p[2 * step][2], p[2 * step][3]),\n"
 BREAKAGES = {  # name -> (text to find, its replacement)
     "no cp_async_wait before reading the tile": (TILE_WAIT, ""),
     "P's a1 fragment taken from the wrong n tile": (P_FRAGMENT_A1, P_FRAGMENT_A1.replace("2 * step]", "2 * step + 1]")),
-    "no __syncthreads after the tile lands": (TILE_BARRIER, "        if (tile + 1 < n_key_tiles)"),
+    "no __syncthreads after the tile lands": (TILE_BARRIER, "        const int tile_first_key"),
 }
 BROKEN_HEAD_DIM = 64
 

@@ -1,5 +1,6 @@
-"""tinytf/kernels/flash_attention_tc_backward.cu: the bf16/fp16 tensor-core backward, run by the emulator, and its
-broken copies (tests/kernels/test_compile_gate.py checks its NVRTC builds).
+"""tinytf/kernels/flash_attention_tc_backward.cu: the bf16/fp16 tensor-core backward, run by the emulator (with the
+features of issue 17: window, softcap, ALiBi, per-batch lengths, dropout), and its broken copies
+(tests/kernels/test_compile_gate.py checks its NVRTC builds).
 
 The kernels get O and L from a float64 NumPy forward, rounded where the GPU forward rounds (O to the element type, L to
 float32), so these tests do not depend on the forward kernel. The tolerance is FlashAttention's: each of dQ, dK, dV
@@ -17,30 +18,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from attention.attention_reference import reference_attention
 from kernels.tensor_core_reference import (
     ELEMENT_TYPES,
-    BackwardCase,
+    FEATURE_CASES,
+    TensorCoreCase,
     assert_gradients_match,
     backward_case,
+    exact_forward,
+    exact_gradients,
     forward_as_the_gpu_saves_it,
+    launch_backward,
+    padding_poisoned,
+    philox,
 )
-from tinytf.attention.cuda import FlashAttentionKernels
-from tinytf.kernels import FLASH_ATTENTION_TC_BACKWARD_SOURCE as SOURCE, FLASH_ATTENTION_TC_SOURCE
+from tinytf.kernels import FLASH_ATTENTION_TC_BACKWARD_SOURCE as SOURCE
 from tinytf.kernels import kernel_source, tensor_core_variant
 from tinytf.kernels.emulator import EmulatedModule, EmulatorError, cache_dir
 
 
-# ---- launching the three kernels -----------------------------------------------------------------------------------
-def backward(module: EmulatedModule, case: BackwardCase, out: np.ndarray, logsumexp: np.ndarray):
-    """(dq, dk, dv) from the three kernels, launched by tinytf.attention.cuda's launcher (the forward kernel it also
-    holds is never run here)."""
-    head_dim, dtype = case.q.shape[-1], case.q.dtype.name
-    forward_module = emulated_module(head_dim, dtype, "lockstep", FLASH_ATTENTION_TC_SOURCE)
-    kernels = FlashAttentionKernels((forward_module, module), tensor_core_variant(head_dim, dtype))
-    return kernels.backward(case.q, case.k, case.v, case.key_keep, out, logsumexp, case.grad_out, case.scale,
-                            case.is_causal)
-
-
+# ---- the three kernels on the emulator -----------------------------------------------------------------------------
 def emulated_module(head_dim: int, dtype: str, schedule: str, path: Path = SOURCE) -> EmulatedModule:
     options = tensor_core_variant(head_dim, dtype).options
     return EmulatedModule(path, options, schedule=schedule, poison_outputs=True)
@@ -54,10 +51,11 @@ def built_variants():
         list(pool.map(lambda variant: emulated_module(*variant, "lockstep"), variants))
 
 
-def run_case(case: BackwardCase, schedule: str, path: Path = SOURCE):
+def run_case(case: TensorCoreCase, schedule: str, path: Path = SOURCE, inputs=None):
+    """(O, L as the forward saves them, (dq, dk, dv)); `inputs`: (q, k, v, grad_out) to launch with instead."""
     out, logsumexp = forward_as_the_gpu_saves_it(case)
     module = emulated_module(case.q.shape[-1], case.q.dtype.name, schedule, path)
-    return out, logsumexp, backward(module, case, out, logsumexp)
+    return out, logsumexp, launch_backward(module, case, out, logsumexp, inputs=inputs)
 
 
 # ---- results against float64 ---------------------------------------------------------------------------------------
@@ -68,7 +66,7 @@ LOCKSTEP_CASES = [
     (97, 17, 128, False),
     (97, 97, 128, True),    # causal with T == S
     (256, 256, 64, False),  # several key blocks and query tiles
-    (40, 17, 128, True),    # causal with T > S: the first 23 queries see no key, L = +inf
+    (40, 17, 128, True),    # causal with T > S: the first 23 queries see no key, L = -inf
 ]
 ONE_WARP_AT_A_TIME_CASES = [(97, 97, 64, True), (17, 256, 128, False)]
 
@@ -104,6 +102,80 @@ def test_head_groups_and_key_padding_match_float64(built_variants, n_kv_heads, d
     assert np.isinf(logsumexp[2]).all()
     assert all(not grad[2].astype(np.float32).any() for grad in grads)
     assert_gradients_match(case, out, logsumexp, grads)
+
+
+@pytest.mark.parametrize("dtype", ELEMENT_TYPES)
+@pytest.mark.parametrize("name", FEATURE_CASES)
+def test_features_match_float64(built_variants, name, dtype):
+    """Each feature of issue 17 alone, then all together (softcap with its derivative, dropout with the forward's
+    mask regenerated); rows and keys past a batch entry's lengths hold NaN, which the kernels must never read."""
+    T, S, is_causal, options = FEATURE_CASES[name]
+    case = backward_case(T, S, 64, is_causal, dtype, seed=6, **options)
+    out, logsumexp, grads = run_case(case, "warps-random", inputs=padding_poisoned(case))
+    query_lens, key_lens = case.lengths
+    for batch, (query_len, key_len) in enumerate(zip(query_lens, key_lens)):
+        padding = (grads[0][batch, :, query_len:], grads[1][batch, :, key_len:], grads[2][batch, :, key_len:])
+        assert not any(grad.astype(np.float32).any() for grad in padding), "a padding row's gradient is not 0"
+    assert_gradients_match(case, out, logsumexp, grads)
+
+
+def test_all_features_together_at_head_dim_128(built_variants):
+    """Streamed tiles of 16 rows instead of 32: other tile edges for the window and the lengths."""
+    T, S, is_causal, options = FEATURE_CASES["all together"]
+    case = backward_case(T, S, 128, is_causal, "bfloat16", seed=9, **options)
+    assert_gradients_match(case, *run_case(case, "warps-reverse", inputs=padding_poisoned(case)))
+
+
+def test_key_tiles_outside_the_window_are_never_read(built_variants):
+    """One query at the end of 256 keys with a causal window of 16 sees keys 239..255: the dQ kernel must skip the
+    key tiles before 224 (Bc = 32), whose keys hold NaN, which dQ += dS K would carry into the gradient (0 x NaN)
+    if those tiles were masked instead. (The dK/dV blocks of keys 0..191 see no query: they write zeros.)"""
+    case = backward_case(1, 256, 64, True, "bfloat16", seed=7, window=(16, -1))
+    k, v = case.k.copy(), case.v.copy()
+    k[:, :, :192] = v[:, :, :192] = np.nan
+    out, logsumexp, grads = run_case(case, "lockstep", inputs=(case.q, k, v, case.grad_out))
+    assert_gradients_match(case, out, logsumexp, grads)
+
+
+def test_reference_philox_matches_the_random123_known_answers():
+    """The known-answer vectors of Random123's philox4x32-10 (kat_vectors): the reference's dropout generator."""
+    vectors = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in vectors:
+        assert tuple(int(word) for word in philox(counter, key)) == expected
+
+
+def test_reference_gradients_match_the_plain_reference_and_finite_differences():
+    """The float64 gradients the kernels are held to: equal to attention_reference's without features, and to central
+    differences of the float64 forward with window, softcap, ALiBi and per-batch lengths (dropout's mask is fixed)."""
+    case = backward_case(33, 70, 16, True, "bfloat16", batch=2, n_query_heads=4, n_kv_heads=2, hidden_keys=(0, 9))
+    _, *expected = reference_attention(case.q, case.k, case.v, case.grad_out, scale=case.scale, is_causal=True,
+                                       attn_mask=case.key_keep.astype(bool)[:, None, None, :], dtype=np.float64)
+    for grad, want in zip(exact_gradients(case), expected):
+        np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-12)
+
+    T, S, _, options = FEATURE_CASES["all together"]
+    case = backward_case(7, 11, 4, False, "float16", seed=8, **{**options, "query_lens": (5, 7), "key_lens": (11, 6),
+                                                                "hidden_keys": (0, 1), "window": (4, 2)})
+    case.q, case.k, case.v, case.grad_out = (x.astype(np.float64) for x in (case.q, case.k, case.v, case.grad_out))
+    grads = exact_gradients(case)
+    step = 1e-6
+    for index, name in enumerate(("q", "k", "v")):
+        x = getattr(case, name)
+        numeric = np.zeros_like(x)
+        for position in np.ndindex(x.shape):
+            saved = x[position]
+            x[position] = saved + step
+            plus = (exact_forward(case)[0] * case.grad_out).sum()
+            x[position] = saved - step
+            minus = (exact_forward(case)[0] * case.grad_out).sum()
+            x[position] = saved
+            numeric[position] = (plus - minus) / (2 * step)
+        np.testing.assert_allclose(grads[index], numeric, rtol=1e-6, atol=1e-8, err_msg=f"d{name}")
 
 
 def test_results_are_identical_under_every_schedule(built_variants):

@@ -37,6 +37,7 @@ HOST_SIDE_MODULES = {
     "nn/conv.py": "makes parameters and buffers on the host (Module.to moves them); forward passes use the ops",
     "models/sampling.py": "samples from a host copy of the last position's logits",
     "kernels/emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
+    "attention/varlen.py": "cu_seqlens and position ids are read on the host: they set the loop over the sequences",
 }
 
 ALLOWED_CALLS = {
@@ -48,8 +49,16 @@ ALLOWED_CALLS = {
     ("models/gpt.py", "zeros_like"): "initialization, on the host where the model is built",
     ("models/gpt.py", "array"): "generation keeps the token ids on the host",
     ("models/gpt.py", "asarray"): "generation keeps the token ids on the host",
-    ("models/gpt.py", "concatenate"): "generation keeps the token ids on the host",
+    **{("models/gpt.py", name): "generation keeps the token ids on the host, ragged prompts' layout too"
+       for name in ("concatenate", "maximum", "arange", "cumsum", "stack", "zeros")},
+    **{("nn/attention.py", name): "KVCache.store_sequences: the rows, indices and start bias of packed prompts, "
+       "from cu_seqlens on the host, moved to the cache's device once" for name in ("diff", "repeat", "arange", "where")},
     ("attention/naive.py", "sqrt"): "of the head dim, a Python int",
+    ("attention/__init__.py", "asarray"): "alibi_slopes given as Python data, moved to the device right after",
+    **{("attention/cuda.py", name): "the packed layout's sequence bookkeeping, from cu_seqlens on the host; the "
+       "index arrays go to the device once" for name in ("diff", "repeat", "arange")},
+    ("attention/cuda.py", "full"): "the (B,) lengths of a dense launch, moved to the device by xp.asarray",
+    ("attention/dropout.py", "ndindex"): "iterates over block indices of a shape, no array data",
     ("functional/indexing.py", "asarray"): "indices given as host data (lists, NumPy arrays), moved to the device",
     ("functional/shape.py", "asarray"): "repeat_interleave reads its counts on the host: they set the output's length",
     ("functional/arithmetic.py", "array"): "a Python number as a 0-d array for a NumPy tensor only; a CuPy tensor gets "

@@ -15,13 +15,14 @@ sum. The softmax's gradient dS = P * (dP - rowsum(P * dP)) needs a row sum over 
 D = rowsum(dO * O), computed once before the loops. The loop runs over column tiles j outside, so each dK_j, dV_j is
 summed in one place, and adds each tile's share into dQ_i.
 
-Also here, as the tuned version supports them:
+Also here, as in the tuned version (which adds windows, softcap, ALiBi and dropout):
 - scale multiplies the scores (the paper folds it into Q);
 - masks: a key a query may not see gets the score -inf, so P = 0 for it. Causal is aligned bottom-right (query t sees
   keys s <= t + S - T, masks.causal_visibility); key_mask is a key-padding mask, bool (B or 1, S), True = visible;
 - grouped-query attention: query head h reads K/V head h // (Hq // Hkv); K and V are repeated for the query heads, and
   each K/V head's gradient is the sum over the query heads that read it;
-- a row that sees no key at all gets O = 0 and L = +inf, so the backward gives it P = 0 and zero gradients.
+- a row that sees no key at all gets O = 0 and L = -inf (the log of an empty sum); the backward takes +inf in its
+  place, so that P = exp(S - L) = exp(-inf - inf) is 0, not NaN, and the row gets zero gradients.
 
 Every tile is batched over the leading (B, Hq) axes; the arithmetic is in the inputs' dtype, float32 at least: half
 precision (float16, bfloat16) is widened on the way in and O, dQ, dK, dV are rounded back once (L stays float32).
@@ -37,7 +38,7 @@ from .masks import causal_visibility
 
 def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, block_q=64, block_k=64):
     """Algorithm 1. Q (B, Hq, T, d), K, V (B, Hkv, S, d) -> O (B, Hq, T, d), L (B, Hq, T): the output and each row's
-    log-sum-exp of its scores (+inf for a row that sees no key). block_q, block_k: the tile sizes Br, Bc."""
+    log-sum-exp of its scores (-inf for a row that sees no key). block_q, block_k: the tile sizes Br, Bc."""
     xp = get_array_module(Q)
     out_dtype = Q.dtype
     Q, K, V = _widened(Q, K, V)
@@ -66,7 +67,7 @@ def flash_attention_forward(Q, K, V, scale, is_causal=False, key_mask=None, bloc
         seen = l > 0  # False for a row that sees no key at all
         l = xp.where(seen, l, 1)
         O[..., rows, :] = O_i / l[..., None]
-        L[..., rows] = xp.where(seen, m + xp.log(l), xp.inf)
+        L[..., rows] = xp.where(seen, m + xp.log(l), -xp.inf)
     return O.astype(out_dtype, copy=False), L
 
 
@@ -81,6 +82,7 @@ def flash_attention_backward(dO, Q, K, V, O, L, scale, is_causal=False, key_mask
     Br, Bc = block_q, block_k
     Tr, Tc = -(-T // Br), -(-S // Bc)
     D = (dO * O).sum(axis=-1)  # (B, Hq, T): rowsum(dO * O) = rowsum(P * dP)
+    L = xp.where(L > -xp.inf, L, xp.inf)  # rows without keys: all their scores are -inf, and exp(-inf - inf) = 0
     dQ, dK, dV = xp.zeros_like(Q), xp.empty_like(K), xp.empty_like(V)
     for j in range(Tc):
         cols = slice(j * Bc, (j + 1) * Bc)

@@ -1,6 +1,8 @@
 """tinytf's CUDA code: the kernel sources (the .cu files beside this one) and the options every build of them gets.
 
     flash_attention.cu    FlashAttention-2 in float32 on CUDA cores (sm_70+): forward, and backward in three kernels
+    attention_mask.cuh    what every attention kernel shares: the argument list of windows, per-batch lengths,
+                          softcap, ALiBi and dropout, the visible key and query ranges, and Philox4x32-10
     flash_attention_tc.cu, flash_attention_tc_backward.cu
                           FlashAttention-2 in bf16/fp16 on tensor cores (sm_80+), forward and backward
     tensor_core.cuh       mma.sync, ldmatrix, cp.async and bf16/fp16 packing: inline PTX, and their emulated meaning
@@ -28,11 +30,14 @@ FLASH_ATTENTION_SOURCE = KERNELS_DIR / "flash_attention.cu"
 FLASH_ATTENTION_TC_SOURCE = KERNELS_DIR / "flash_attention_tc.cu"
 FLASH_ATTENTION_TC_BACKWARD_SOURCE = KERNELS_DIR / "flash_attention_tc_backward.cu"
 TENSOR_CORE_HEADER = KERNELS_DIR / "tensor_core.cuh"
-HEAD_DIMS = (16, 32, 64, 96, 128)
+HEAD_DIMS = (16, 32, 64, 96, 128, 160, 192, 224, 256)
+TWO_COLUMN_TILES_MAX_HEAD_DIM = 128  # past it the float32 kernels keep one column tile in shared memory
 TENSOR_CORE_BLOCK_ROWS = 64  # the tensor-core kernels' Br: 4 warps x the 16 rows of an mma.m16n8k16
 THREADS_PER_BLOCK = 128
 WARPS_PER_BLOCK = THREADS_PER_BLOCK // 32
 COLUMN_TILE = 32  # Bc: one column per lane of a warp
+# A thread's R x ceil(d / 32) output accumulators, at most: with 128 registers, d = 160 at R = 8 (40) spilled on sm_70.
+MAX_ACCUMULATORS = 32
 STATIC_SHARED_LIMIT = 48 * 1024  # the static shared memory a block may use without opting in to more
 # CuPy's RawModule adds these to the options it is given (plus include paths the kernels do not use): the gate and the
 # emulator must see the same build. --std is given explicitly, so CuPy does not add its own.
@@ -56,12 +61,17 @@ class FlashAttentionVariant:
             )
 
     @property
-    def forward_rows_per_warp(self) -> int:
-        return _rows_per_warp(self.head_dim, row_tiles=1, column_tiles=2, weight_tiles=1)  # Q | K, V | P
+    def column_tiles(self) -> int:
+        """2: the (32 x d) tiles of K and V (Q and dO in dK/dV) side by side; 1: one buffer, refilled in turn."""
+        return 2 if self.head_dim <= TWO_COLUMN_TILES_MAX_HEAD_DIM else 1
 
     @property
-    def backward_rows_per_warp(self) -> int:
-        return _rows_per_warp(self.head_dim, row_tiles=2, column_tiles=2, weight_tiles=2)  # Q, dO | K, V | P, dS
+    def forward_rows_per_warp(self) -> int:
+        return _rows_per_warp(self.head_dim, row_tiles=1, column_tiles=self.column_tiles, weight_tiles=1)  # Q|K, V|P
+
+    @property
+    def backward_rows_per_warp(self) -> int:  # Q, dO | K, V | P, dS
+        return _rows_per_warp(self.head_dim, row_tiles=2, column_tiles=self.column_tiles, weight_tiles=2)
 
     @property
     def forward_block_rows(self) -> int:
@@ -81,6 +91,7 @@ class FlashAttentionVariant:
             f"-DHEAD_DIM={self.head_dim}",
             f"-DFORWARD_ROWS_PER_WARP={self.forward_rows_per_warp}",
             f"-DBACKWARD_ROWS_PER_WARP={self.backward_rows_per_warp}",
+            f"-DCOLUMN_TILES={self.column_tiles}",
         )
 
 
@@ -167,8 +178,11 @@ def _shared_bytes(head_dim: int, rows: int, row_tiles: int, column_tiles: int, w
 
 
 def _rows_per_warp(head_dim: int, row_tiles: int, column_tiles: int, weight_tiles: int) -> int:
-    """The largest R of 8, 4, 2 whose tiles fit in STATIC_SHARED_LIMIT: more rows per block reuse each K/V tile more."""
-    for rows in (8, 4, 2):
-        if _shared_bytes(head_dim, rows, row_tiles, column_tiles, weight_tiles) <= STATIC_SHARED_LIMIT:
+    """The largest R of 8, 4, 2, 1 whose tiles fit in STATIC_SHARED_LIMIT and whose accumulators in MAX_ACCUMULATORS:
+    more rows per block reuse each K/V tile more."""
+    for rows in (8, 4, 2, 1):
+        fits_registers = rows * -(-head_dim // COLUMN_TILE) <= MAX_ACCUMULATORS
+        shared_bytes = _shared_bytes(head_dim, rows, row_tiles, column_tiles, weight_tiles)
+        if fits_registers and shared_bytes <= STATIC_SHARED_LIMIT:
             return rows
     raise ValueError(f"no tiling of head dim {head_dim} fits in {STATIC_SHARED_LIMIT} bytes of shared memory")

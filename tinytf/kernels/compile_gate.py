@@ -9,13 +9,13 @@ TensorCoreVariant.options) plus what CuPy adds, plus -Xptxas=-v for ptxas's repo
 memory per kernel. The tensor-core kernels include cuda_bf16.h and cuda_fp16.h, which NVRTC 12.9 does not carry:
 CuPy adds CUDA's include folder to its builds, and the gate adds the same folder (cuda_include_dir).
 
-Builds: the float32 kernels (flash_attention.cu) for sm_70, 75, 80 and 90; the tensor-core kernels
-(flash_attention_tc.cu, flash_attention_tc_backward.cu, those of them that exist) in bf16 and fp16 for sm_80, 86, 89
-and 90. Budgets, per kernel and arch: no compiler warnings (but the notice that sm_70 is deprecated), 0 bytes of spill
-stores and loads, no stack frame, no more registers per thread than the kernel's __launch_bounds__ allow (read from
-the PTX: .maxntid and .minnctapersm), at most STATIC_SHARED_LIMIT bytes of static shared memory, and for the
-tensor-core builds, mma.sync instructions in the PTX. HMMA in the SASS is counted too when a disassembler (cuobjdump or
-nvdisasm) is on the PATH. Occupancy is computed, printed, and not gated.
+Builds: the float32 kernels (flash_attention.cu, each head dim of HEAD_DIMS, 16 to 256) for sm_70, 75, 80 and 90;
+the tensor-core kernels (flash_attention_tc.cu, flash_attention_tc_backward.cu, those of them that exist) in bf16 and
+fp16 for sm_80, 86, 89 and 90. Budgets, per kernel and arch: no compiler warnings (but the notice that sm_70 is
+deprecated), 0 bytes of spill stores and loads, no stack frame, no more registers per thread than the kernel's
+__launch_bounds__ allow (read from the PTX: .maxntid and .minnctapersm), at most STATIC_SHARED_LIMIT bytes of static
+shared memory, and for the tensor-core builds, mma.sync instructions in the PTX. HMMA in the SASS is counted too when
+a disassembler (cuobjdump or nvdisasm) is on the PATH. Occupancy is computed, printed, and not gated.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ from . import (
 ARCHITECTURES = (70, 75, 80, 90)
 TENSOR_CORE_ARCHITECTURES = (80, 86, 89, 90)  # mma.sync with bf16 and cp.async need sm_80
 TENSOR_CORE_SOURCES = (FLASH_ATTENTION_TC_SOURCE, FLASH_ATTENTION_TC_BACKWARD_SOURCE)
-MAX_REGISTERS = 128  # the float32 kernels: __launch_bounds__(128 threads, 4 blocks): 65536 registers / 512 threads
+# The float32 forward and dQ kernels: __launch_bounds__(128 threads, 4 blocks): 65536 registers / 512 threads. Each
+# kernel's own limit is read from its PTX (dK/dV asks for 3 blocks: 168); this is the default where none is given.
+MAX_REGISTERS = 128
 MAX_REGISTERS_PER_THREAD = 255
 # NVRTC 12 says this for every sm_70 build, and no option silences only it.
 EXPECTED_NOTICES = {70: "Architectures prior to '<compute/sm>_75' are deprecated"}

@@ -1,12 +1,13 @@
 // flash_attention_tc.cuh: what the tensor-core FlashAttention kernels (flash_attention_tc.cu, the forward, and
 // flash_attention_tc_backward.cu) share: the element type and head dim of the build, the block of 4 warps, and which
-// keys a query sees.
+// keys a query sees (attention_mask.cuh: lengths, window, softcap, ALiBi, dropout; key_keep on top).
 #pragma once
 
 #if !defined(HEAD_DIM) || defined(ELEMENT_BF16) == defined(ELEMENT_FP16)
 #error "compile with -DHEAD_DIM=<d> and one of -DELEMENT_BF16, -DELEMENT_FP16"
 #endif
 
+#include "attention_mask.cuh"
 #include "tensor_core.cuh"
 
 #ifdef ELEMENT_BF16
@@ -24,8 +25,8 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr unsigned kFullWarp = 0xffffffffu;
 
-// Visibility of key `key` to query `query`; key_len - query_len aligns the causal diagonal bottom-right.
-__device__ __forceinline__ bool is_visible(int query, int key, int query_len, int key_len, bool key_kept,
-                                           int is_causal) {
-    return key_kept && query < query_len && key < key_len && (!is_causal || key <= query + key_len - query_len);
+// Key `key` (of this batch entry, whose key_keep row is `key_keep`) is visible to query `query`: the mask's lengths
+// and window, and the padding mask, which is read only for keys that exist.
+__device__ __forceinline__ bool is_visible(const HeadMask& mask, const unsigned char* key_keep, int query, int key) {
+    return mask.visible(query, key) && key_keep[key] != 0;
 }

@@ -2,22 +2,28 @@
 //
 // Notation (Dao 2023), for one (batch, query head): Q, dO (T x d), K, V (S x d) of the K/V head it reads, O and the
 // row log-sum-exp L from the forward pass (tinytf/kernels/flash_attention_tc.cu), scale = 1/sqrt(d) unless the
-// caller gives another. Key j is visible to query i when j < S, key_keep[j] != 0 and, for causal attention,
-// j <= i + (S - T) (aligned bottom-right). A query that sees no key has L = +inf and gets zero gradients.
+// caller gives another. Which keys a query sees and its logits are attention_mask.cuh's (issue 17): per-batch lengths
+// T_b, S_b in arrays padded to T and S, the window (causal: right = 0) around query i's position i + S_b - T_b,
+// key_keep, and the logit c(scale q . k) + ALiBi with the softcap c(s) = softcap tanh(s / softcap); dropout factors
+// Z (0 or 1 / (1 - p)) are drawn again from the forward's Philox counters. A query that sees no key (L = -inf) gets
+// zero gradients, and so do padding rows past T_b and keys past S_b, whatever the arrays hold there.
 //
 //     flash_attention_tc_backward_delta: D_i = rowsum(dO_i * O_i) in float32, one warp per row.
 //     flash_attention_tc_backward_dkdv, one block per (Bc = 64 keys, batch x K/V head), looping over the query tiles
 //     (Br rows) of every query head that reads its K/V head (grouped-query attention by index, no repeated K/V):
 //         S^T  = K_j Q_i^T                  mma; rows = keys, so P^T and dS^T land in the layout of an A operand
-//         P^T  = exp(scale S^T - L_i)       0 where not visible; a row with L = +inf gives exp(-inf) = 0
-//         dV_j += P^T dO_i                  P^T rounded to the element type in registers; dO by ldmatrix.trans
-//         dP^T = V_j dO_i^T;  dS^T = P^T * (dP^T - D_i);  dK_j += dS^T Q_i   (dS^T rounded, Q by ldmatrix.trans)
+//         P^T  = exp(c(scale S^T) + ALiBi - L_i)   selected to 0 where not visible (softmax_gradient)
+//         dV_j += (Z P)^T dO_i              (Z P)^T rounded to the element type in registers; dO by ldmatrix.trans
+//         dP^T = Z V_j dO_i^T;  dS^T = P^T * (dP^T - D_i) * c'(scale S^T);  dK_j += dS^T Q_i
+//                                           (dS^T rounded, Q by ldmatrix.trans; c' = 1 - (c / softcap)^2)
 //         dK_j, dV_j stay in float32 registers over the whole loop and are written once: dK = scale dK.
 //     flash_attention_tc_backward_dq, one block per (Br = 64 queries, batch x query head), looping over key tiles
 //     (Bc rows) that its queries can see:
-//         S = Q_i K_j^T;  P = exp(scale S - L_i);  dP = dO_i V_j^T;  dS = P * (dP - D_i);  dQ_i += scale dS K_j
-//     Causal: a dK/dV block starts at the first query that sees any of its keys, a dQ block stops after the last key
-//     any of its queries sees: tiles wholly above the diagonal are neither loaded nor computed.
+//         S = Q_i K_j^T;  P = exp(c(scale S) + ALiBi - L_i);  dP = Z dO_i V_j^T;  dS = P * (dP - D_i) * c'(scale S);
+//         dQ_i += scale dS K_j
+//     A dK/dV block visits only the queries that see one of its keys (HeadMask::queries_seeing), a dQ block only the
+//     key tiles that hold a key one of its queries sees (keys_seen_by): tiles outside the window, after the causal
+//     diagonal or past the lengths are neither loaded nor computed.
 //     dQ gets a pass of its own rather than atomicAdd from the dK/dV blocks, as in the float32 kernels: the result is
 //     deterministic, needs no zeroed float32 buffer and no conversion pass; the price is recomputing S and dP.
 //
@@ -28,7 +34,8 @@
 // Operands in shared memory are read with ldmatrix: plain for a factor stored as the mma wants it (K or V as A,
 // Q or dO as the B of K Q^T), .trans for the right factor of a weighted sum of rows (dO, Q, K as B).
 //
-// Launch: 128 threads = 4 warps; the block's 64 rows are 16 per warp.
+// Launch: 128 threads = 4 warps; the block's 64 rows are 16 per warp. Arguments of dK/dV and dQ: their arrays, then
+//     attention_mask.cuh's list; delta: (out, grad_out, delta, n_rows).
 //     dK/dV: grid (ceil(S / 64), B * Hkv);  dQ: grid (ceil(T / 64), B * Hq);  delta: grid (ceil(B * Hq * T / 4)).
 // Tiles (rows of d elements, no padding): the block's 64 rows of K and V (or Q and dO), loaded once, and a double
 //     buffer of the streamed tile (Q and dO in dK/dV, K and V in dQ), Br = Bc = 32 rows for d <= 64 and 16 for d = 96
@@ -43,8 +50,8 @@
 //     therefore stored XOR-swizzled with bits of the row index (swizzled()): 8 distinct bank groups, no padding.
 // Registers: the dK/dV accumulators are 2 * 16 * d / 32 = d floats per thread, the dQ accumulator d / 2. Launch
 //     bounds: dK/dV asks for 3 blocks per SM at d <= 64 (168 registers) and 2 above (255); dQ for 4 (128) and 3 (168).
-//     ptxas (NVRTC 12.9, sm_80; sm_90 within 3 more) uses, for d = 32 / 64 / 96 / 128:
-//         dK/dV 133 / 165 / 196 / 229, dQ 112 / 128 / 146 / 160, delta 11 to 23; no spills, no stack frame.
+//     ptxas (NVRTC 12.9, sm_80; sm_86 to sm_90 within 4 more) uses, for d = 32 / 64 / 96 / 128:
+//         dK/dV 136 / 167 / 189 / 234, dQ 125 / 128 / 153 / 161, delta 11 to 23; no spills, no stack frame.
 //     On an A100 that is 3 / 3 / 2 / 2 resident dK/dV blocks and 4 / 4 / 3 / 3 dQ blocks per SM (8 to 16 warps).
 // Cost: 14 T S d flops per (batch, head) on tensor cores (dK/dV 8, dQ 6: S and dP are computed twice) for the
 //     10 T S d of the gradients. Per mma (4096 flops) a warp reads 320 to 430 bytes of shared memory through ldmatrix
@@ -52,9 +59,10 @@
 //     more than an SM's 128 bytes per clock deliver in the 2 clocks an A100 SM needs per mma: shared memory, not the
 //     tensor cores, bounds these kernels, at about 2/3 of the tensor-core peak.
 //
-// Compile: cupy.RawModule gets tinytf.kernels.kernel_source(this file), the text with flash_attention_tc.cuh and
-// tensor_core.cuh inlined, and tinytf.kernels.tensor_core_variant(d, dtype).options; CuPy adds CUDA's include folder
-// (cuda_bf16.h, cuda_fp16.h) and -ftz=true. For d = 128 in bf16 on an A100, NVRTC as CuPy runs it:
+// Compile: cupy.RawModule gets tinytf.kernels.kernel_source(this file), the text with its headers
+// (flash_attention_tc.cuh, attention_mask.cuh, tensor_core.cuh) inlined, and
+// tinytf.kernels.tensor_core_variant(d, dtype).options; CuPy adds CUDA's include folder (cuda_bf16.h, cuda_fp16.h)
+// and -ftz=true. For d = 128 in bf16 on an A100, NVRTC as CuPy runs it:
 //     --std=c++17 -DHEAD_DIM=128 -DELEMENT_BF16 -I<CUDA include> -ftz=true -arch=sm_80
 // Head dims 32, 64, 96 and 128; sm_80 and later (mma.sync on bf16, cp.async). On the CPU the same file runs under
 // tinytf.kernels.emulator, whose tensor_core.cuh half moves fragment elements exactly as the PTX ISA lays them out.
@@ -202,13 +210,18 @@ __device__ __forceinline__ void store_rows(Element* __restrict__ matrix, int fir
     }
 }
 
-// The softmax backward of one accumulator element, in place: the score becomes P = exp(scale S - L) where the key
-// is visible (else 0), and dP becomes dS = P (dP - D), from the query's L and D.
-__device__ __forceinline__ void softmax_gradient(float& score, float& grad_p, bool visible, float row_logsumexp,
-                                                 float row_delta, float scale) {
-    const float p = visible ? __expf(score * scale - row_logsumexp) : 0.0f;
-    score = p;
-    grad_p = p * (grad_p - row_delta);
+// The softmax backward of one accumulator element, in place, from the query's L and D and the element's dropout
+// factor Z (0 or 1 / (1 - p)): the raw score q . k becomes the dropped weight Z P that multiplies dO in dV, with
+// P = exp(c(scale q . k) + alibi - L), and dP' = dO . v becomes the gradient of the scaled score,
+// dS = P (Z dP' - D) c'(scale q . k) (Z dP' is dP, the gradient of P; c' the softcap's derivative). Both are 0 where
+// the key is not visible, whatever the padding rows hold (L = -inf, D unset).
+__device__ __forceinline__ void softmax_gradient(float& score, float& grad_p, bool visible, const HeadMask& mask,
+                                                 int query, int key, float row_logsumexp, float row_delta,
+                                                 float dropout_factor, float scale) {
+    const float capped = mask.capped(score * scale);
+    const float p = visible ? __expf(capped + mask.alibi_bias(query, key) - row_logsumexp) : 0.0f;
+    score = p * dropout_factor;
+    grad_p = visible ? p * (grad_p * dropout_factor - row_delta) * mask.capped_grad(capped) : 0.0f;
 }
 
 // Where the rows of one (batch, query head) live.
@@ -247,7 +260,11 @@ flash_attention_tc_backward_dkdv(const Element* __restrict__ q, const Element* _
                                  const Element* __restrict__ grad_out, const float* __restrict__ logsumexp,
                                  const float* __restrict__ delta, Element* __restrict__ grad_k,
                                  Element* __restrict__ grad_v, int n_query_heads, int n_kv_heads, int query_len,
-                                 int key_len, float scale, int is_causal) {
+                                 int key_len, const int* __restrict__ query_lens, const int* __restrict__ key_lens,
+                                 float scale, int window_left, int window_right, float softcap,
+                                 const float* __restrict__ alibi_slopes, int alibi_batch_stride,
+                                 unsigned int dropout_threshold, float dropout_scale, unsigned long long dropout_seed,
+                                 unsigned int dropout_offset) {
     alignas(16) __shared__ Element k_rows[kBlockRows * kHeadDim];
     alignas(16) __shared__ Element v_rows[kBlockRows * kHeadDim];
     alignas(16) __shared__ Element q_tiles[2][kStreamRows * kHeadDim];
@@ -261,34 +278,43 @@ flash_attention_tc_backward_dkdv(const Element* __restrict__ q, const Element* _
     const int block_first_key = blockIdx.x * kBlockRows;
     const int warp_first_key = block_first_key + warp * kWarpRows;
     const size_t kv_offset = static_cast<size_t>(batch * n_kv_heads + kv_head) * key_len * kHeadDim;  // into k, v
+    // The query heads of the group share the lengths and the window; only their ALiBi slopes differ.
+    auto mask_of = [&](int head) {
+        return head_mask(batch, head, query_lens, key_lens, window_left, window_right, softcap, alibi_slopes,
+                         alibi_batch_stride);
+    };
+    const HeadMask group_mask = mask_of(kv_head * group_size);
+    const Dropout dropout{dropout_threshold, dropout_scale, dropout_seed, dropout_offset};
 
-    // Under the causal mask query i sees key j when i >= j - (S - T): earlier queries cannot see this block.
-    const int query_begin = is_causal ? max(0, block_first_key - (key_len - query_len)) : 0;
-    const int tiles_per_head = max(0, (query_len - query_begin + kStreamRows - 1) / kStreamRows);
+    // Only the queries that see a key of this block: the window (causal) and the lengths bound them on both sides.
+    const int2 queries = group_mask.queries_seeing(block_first_key, block_first_key + kBlockRows - 1);
+    const int query_begin = queries.x;
+    const int tiles_per_head = (queries.y - query_begin + kStreamRows - 1) / kStreamRows;
     const int n_tiles = group_size * tiles_per_head;
     // Tile i: query head kv_head * group_size + i / tiles_per_head, queries from query_begin + (i % ...) * Br.
-    auto tile_head = [&](int tile) {
-        return query_head(batch, kv_head * group_size + tile / tiles_per_head, n_query_heads, query_len);
-    };
+    auto tile_head_index = [&](int tile) { return kv_head * group_size + tile / tiles_per_head; };
+    auto tile_head = [&](int tile) { return query_head(batch, tile_head_index(tile), n_query_heads, query_len); };
     auto tile_first_query = [&](int tile) { return query_begin + tile % tiles_per_head * kStreamRows; };
+    // Rows past the batch entry's lengths are zero-filled: what the padded layout holds there is never read.
     auto load_query_tile = [&](int tile, int buffer) {
         const QueryHead head = tile_head(tile);
-        load_tile_async<kStreamRows>(q_tiles[buffer], q + head.rows, tile_first_query(tile), query_len);
-        load_tile_async<kStreamRows>(grad_out_tiles[buffer], grad_out + head.rows, tile_first_query(tile), query_len);
+        load_tile_async<kStreamRows>(q_tiles[buffer], q + head.rows, tile_first_query(tile), group_mask.query_len);
+        load_tile_async<kStreamRows>(grad_out_tiles[buffer], grad_out + head.rows, tile_first_query(tile),
+                                     group_mask.query_len);
     };
 
     if (n_tiles > 0) {  // else nothing would read them, and a thread must not exit with copies in flight
-        load_tile_async<kBlockRows>(k_rows, k + kv_offset, block_first_key, key_len);
-        load_tile_async<kBlockRows>(v_rows, v + kv_offset, block_first_key, key_len);
+        load_tile_async<kBlockRows>(k_rows, k + kv_offset, block_first_key, group_mask.key_len);
+        load_tile_async<kBlockRows>(v_rows, v + kv_offset, block_first_key, group_mask.key_len);
         load_query_tile(0, 0);
     }
     cp_async_commit();
 
-    bool key_kept[2];  // the lane's accumulator rows g and g + 8
+    bool key_kept[2];  // the lane's accumulator rows g and g + 8: keys of the block, the same for every query tile
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int key = warp_first_key + lane / 4 + 8 * half;
-        key_kept[half] = key < key_len && key_keep[static_cast<size_t>(batch) * key_len + key] != 0;
+        key_kept[half] = key < group_mask.key_len && key_keep[static_cast<size_t>(batch) * key_len + key] != 0;
     }
     Accumulator dk[kHeadColumnTiles] = {};
     Accumulator dv[kHeadColumnTiles] = {};
@@ -301,6 +327,8 @@ flash_attention_tc_backward_dkdv(const Element* __restrict__ q, const Element* _
         __syncthreads();  // every thread's copies of this tile (and the first time: of K and V) have landed
 
         const QueryHead head = tile_head(tile);
+        const HeadMask mask = mask_of(tile_head_index(tile));
+        const int batch_head = batch * n_query_heads + tile_head_index(tile);
         const int first_query = tile_first_query(tile);
         Accumulator scores[kStreamColumnTiles];  // S^T, then P^T
         Accumulator grad_p[kStreamColumnTiles];  // dP^T, then dS^T
@@ -319,8 +347,8 @@ flash_attention_tc_backward_dkdv(const Element* __restrict__ q, const Element* _
                     const int key = warp_first_key + lane / 4 + 8 * half;
                     const int index = 2 * half + pair;
                     softmax_gradient(scores[column_tile][index], grad_p[column_tile][index],
-                                     is_visible(query, key, query_len, key_len, key_kept[half], is_causal),
-                                     query_logsumexp, query_delta, scale);
+                                     key_kept[half] && mask.visible(query, key), mask, query, key,
+                                     query_logsumexp, query_delta, dropout.factor(batch_head, query, key), scale);
                 }
             }
         }
@@ -342,8 +370,12 @@ flash_attention_tc_backward_dq(const Element* __restrict__ q, const Element* __r
                                const Element* __restrict__ v, const unsigned char* __restrict__ key_keep,
                                const Element* __restrict__ grad_out, const float* __restrict__ logsumexp,
                                const float* __restrict__ delta, Element* __restrict__ grad_q,
-                               int n_query_heads, int n_kv_heads, int query_len, int key_len, float scale,
-                               int is_causal) {
+                               int n_query_heads, int n_kv_heads, int query_len, int key_len,
+                               const int* __restrict__ query_lens, const int* __restrict__ key_lens, float scale,
+                               int window_left, int window_right, float softcap,
+                               const float* __restrict__ alibi_slopes, int alibi_batch_stride,
+                               unsigned int dropout_threshold, float dropout_scale, unsigned long long dropout_seed,
+                               unsigned int dropout_offset) {
     alignas(16) __shared__ Element q_rows[kBlockRows * kHeadDim];
     alignas(16) __shared__ Element grad_out_rows[kBlockRows * kHeadDim];
     alignas(16) __shared__ Element k_tiles[2][kStreamRows * kHeadDim];
@@ -356,19 +388,27 @@ flash_attention_tc_backward_dq(const Element* __restrict__ q, const Element* __r
     const int kv_head = head_index / (n_query_heads / n_kv_heads);
     const QueryHead head = query_head(batch, head_index, n_query_heads, query_len);
     const size_t kv_offset = static_cast<size_t>(batch * n_kv_heads + kv_head) * key_len * kHeadDim;  // into k, v
+    const HeadMask mask = head_mask(batch, head_index, query_lens, key_lens, window_left, window_right, softcap,
+                                    alibi_slopes, alibi_batch_stride);
+    const Dropout dropout{dropout_threshold, dropout_scale, dropout_seed, dropout_offset};
+    key_keep += static_cast<size_t>(batch) * key_len;
+
+    // Only the key tiles that hold a key some query of the block sees.
     const int block_first_query = blockIdx.x * kBlockRows;
     const int warp_first_query = block_first_query + warp * kWarpRows;
-    const int last_query = min(block_first_query + kBlockRows, query_len) - 1;
-    const int key_end = is_causal ? max(0, min(key_len, last_query + key_len - query_len + 1)) : key_len;
-    const int n_tiles = (key_end + kStreamRows - 1) / kStreamRows;
+    const int2 keys = mask.keys_seen_by(block_first_query, block_first_query + kBlockRows - 1);
+    const int first_key = first_tile(keys.x, kStreamRows);
+    const int n_tiles = (keys.y - first_key + kStreamRows - 1) / kStreamRows;
+    // Rows past the batch entry's lengths are zero-filled: what the padded layout holds there is never read.
     auto load_key_tile = [&](int tile, int buffer) {
-        load_tile_async<kStreamRows>(k_tiles[buffer], k + kv_offset, tile * kStreamRows, key_len);
-        load_tile_async<kStreamRows>(v_tiles[buffer], v + kv_offset, tile * kStreamRows, key_len);
+        const int tile_first_key = first_key + tile * kStreamRows;
+        load_tile_async<kStreamRows>(k_tiles[buffer], k + kv_offset, tile_first_key, mask.key_len);
+        load_tile_async<kStreamRows>(v_tiles[buffer], v + kv_offset, tile_first_key, mask.key_len);
     };
 
     if (n_tiles > 0) {  // else nothing would read them, and a thread must not exit with copies in flight
-        load_tile_async<kBlockRows>(q_rows, q + head.rows, block_first_query, query_len);
-        load_tile_async<kBlockRows>(grad_out_rows, grad_out + head.rows, block_first_query, query_len);
+        load_tile_async<kBlockRows>(q_rows, q + head.rows, block_first_query, mask.query_len);
+        load_tile_async<kBlockRows>(grad_out_rows, grad_out + head.rows, block_first_query, mask.query_len);
         load_key_tile(0, 0);
     }
     cp_async_commit();
@@ -397,15 +437,14 @@ flash_attention_tc_backward_dq(const Element* __restrict__ q, const Element* __r
         for (int column_tile = 0; column_tile < kStreamColumnTiles; ++column_tile) {
 #pragma unroll
             for (int pair = 0; pair < 2; ++pair) {  // the lane's two adjacent keys
-                const int key = tile * kStreamRows + 8 * column_tile + 2 * (lane % 4) + pair;
-                const bool key_kept = key < key_len && key_keep[static_cast<size_t>(batch) * key_len + key] != 0;
+                const int key = first_key + tile * kStreamRows + 8 * column_tile + 2 * (lane % 4) + pair;
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const int query = warp_first_query + lane / 4 + 8 * half;
                     const int index = 2 * half + pair;
                     softmax_gradient(scores[column_tile][index], grad_p[column_tile][index],
-                                     is_visible(query, key, query_len, key_len, key_kept, is_causal),
-                                     row_logsumexp[half], row_delta[half], scale);
+                                     is_visible(mask, key_keep, query, key), mask, query, key, row_logsumexp[half],
+                                     row_delta[half], dropout.factor(blockIdx.y, query, key), scale);
                 }
             }
         }
