@@ -230,8 +230,8 @@ def _resume_in_one_process(folder, monkeypatch) -> list[float]:
     """Continue the run in `folder` to MORE_STEPS steps with batch 2b; returns the training losses of those steps."""
     losses, forward = [], GPT.forward
 
-    def recording_forward(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
+    def recording_forward(self, idx, targets=None, position_ids=None):
+        logits, loss = forward(self, idx, targets, position_ids)
         if self.training:
             losses.append(loss.item())
         return logits, loss

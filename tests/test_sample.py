@@ -62,3 +62,13 @@ def test_bad_sampling_arguments(checkpoint, capsys):
                            (["--temperature", "-1"], "--temperature"), (["--prompt", ""], "--prompt")]:
         assert sample_module.main(["--ckpt", str(checkpoint), *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_several_prompts_generate_as_one_batch_each_as_alone(checkpoint):
+    """Prompts of different lengths, generated together (a ragged batch), continue each as it does alone."""
+    prompts = ["ROMEO: good", "J", "JULIET:"]
+    batch = _sample(checkpoint, *sum((["--prompt", prompt] for prompt in prompts), []), "--max-new-tokens", 8,
+                    "--temperature", 0)
+    alone = [_sample(checkpoint, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0) for prompt in prompts]
+    assert batch == sample_module.SEPARATOR.join(alone)
+    assert all(len(text) == len(prompt) + 8 + 1 for text, prompt in zip(alone, prompts))

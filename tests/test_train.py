@@ -70,8 +70,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, text_file, 
     original_forward = GPT.forward
     calls = {"n": 0}
 
-    def forward_that_diverges(self, idx, targets=None):
-        logits, loss = original_forward(self, idx, targets)
+    def forward_that_diverges(self, idx, targets=None, position_ids=None):
+        logits, loss = original_forward(self, idx, targets, position_ids)
         calls["n"] += 1 if self.training else 0
         if self.training and calls["n"] > 6:
             loss = loss * float("nan")

@@ -31,7 +31,8 @@ def parameters_after_steps(dtype, batch_size: int, grad_accum: int, optimizer: s
         lr, clip = 0.5, 0.0
         optimizer = SGD(model.parameters(), lr=lr)
     run = train_module.Run(
-        args=argparse.Namespace(grad_accum=grad_accum, grad_clip=clip), warmup_iters=0, device="cpu", model=model,
+        args=argparse.Namespace(grad_accum=grad_accum, grad_clip=clip, document_masking=False), warmup_iters=0,
+        device="cpu", model=model,
         optimizer=optimizer, scaler=GradScaler(enabled=False),
         averager=distributed.GradientAverager(model.parameters()),
         samplers={"train": BatchSampler({"train": TOKENS}, batch_size * grad_accum, BLOCK, seed=1)},

@@ -8,6 +8,7 @@ import pytest
 
 import tinytf.train as train_module
 from tinytf.checkpoint import load_checkpoint
+from tinytf.interop import save_pretrained
 from tinytf.models import GPT, GPTConfig
 from training_runs import metrics, run_tiny, write_corpus
 
@@ -78,6 +79,21 @@ def test_a_gpt2_folder_fine_tuned_saves_back_a_folder_transformers_loads_with_th
     assert np.abs(theirs - before).max() > 100 * TOLERANCE  # the saved weights are the fine-tuned ones
     records = metrics(out)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+
+def test_a_gemma2_folder_fine_tunes_as_the_gemma2_preset_and_keeps_its_settings(hf, gpt2_folder, corpus, tmp_path):
+    """A Gemma 2 folder (saved by tinytf, so offline) trains through the CLI and comes back as Gemma 2."""
+    config = GPTConfig.from_preset("gemma2", vocab_size=BPE_VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=32,
+                                   head_dim=16, sliding_window=8, full_attention_layers=(1,),
+                                   query_pre_attn_scalar=20.0)
+    save_pretrained(GPT(config), tmp_path / "gemma2")
+    out = tmp_path / "run"
+    assert finetune("--init-from", tmp_path / "gemma2", "--tokenizer", gpt2_folder / "tokenizer.json", "--data",
+                    corpus, "--out", out, "--iters", 2) == 0
+    meta = load_checkpoint(out).meta
+    assert meta["train_args"]["preset"] == "gemma2"
+    assert GPTConfig(**meta["config"]) == GPTConfig(**{**config.to_dict(), "dropout": 0.0})
+    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "gemma2"
 
 
 def test_fine_tuning_defaults_to_a_low_learning_rate_and_takes_the_models_architecture(gpt2_folder, corpus, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import tinytf.sample as sample_module
 import tinytf.train as train_module
 from tinytf.checkpoint import load_checkpoint
-from tinytf.data import Corpus, TokenDataset
+from tinytf.data import Corpus, TokenDataset, document_positions
 from training_runs import TINY, run_tiny, write_corpus
 
 pytest.importorskip("tokenizers", reason="subword tokenizers are the tokenizers package's (the interop extra)")
@@ -86,6 +86,39 @@ def test_a_tokenizer_json_run_separates_json_lines_documents_with_its_end_of_tex
     first_document = stream[:np.argmax(stream == end_of_text)]
     assert first_document.tolist() == library.encode(json.loads(lines[0])["body"], add_special_tokens=False).ids
     assert load_checkpoint(tmp_path / "run").meta["config"]["vocab_size"] == library.get_vocab_size()
+
+
+def test_document_masking_gives_the_model_positions_that_restart_after_each_end_of_text(tmp_path, monkeypatch):
+    from test_tokenization import gpt2_style_file
+
+    from tinytf.models import GPT
+
+    library = gpt2_style_file(tmp_path)
+    end_of_text = library.token_to_id("<|endoftext|>")
+    lines = [json.dumps({"text": f"doc {i}: a fox."}) for i in range(200)]  # documents shorter than a window
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    calls = []
+    forward = GPT.forward
+
+    def recording_forward(model, idx, targets=None, position_ids=None):
+        calls.append((np.asarray(idx), position_ids))
+        return forward(model, idx, targets, position_ids=position_ids)
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    assert run_tiny("--data", tmp_path / "corpus.jsonl", "--tokenizer", tmp_path / "tokenizer.json", "--out",
+                    tmp_path / "run", "--iters", 2, "--eval-iters", 1, "--data-workers", 1,
+                    "--document-masking") == 0
+    assert calls and load_checkpoint(tmp_path / "run").meta["train_args"]["document_masking"] is True
+    for ids, positions in calls:
+        np.testing.assert_array_equal(positions, document_positions(ids, end_of_text))
+        assert (ids[:, :-1] == end_of_text).any() and (positions[:, 1:] == 0).any()  # windows span documents
+
+
+def test_document_masking_needs_an_end_of_text_token(tmp_path, capsys):
+    assert run_tiny("--data", write_corpus(tmp_path / "corpus.txt"), "--out", tmp_path / "run",
+                    "--document-masking") == 2
+    assert "--document-masking needs a tokenizer with an end-of-text token" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_tokenizer_arguments_are_one_line_errors_that_write_nothing(tmp_path, capsys, monkeypatch):

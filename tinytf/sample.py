@@ -3,7 +3,9 @@
 The prompt is encoded, and the text decoded, with the tokenizer the run was trained with (saved in its checkpoint).
 
 Or from a local Hugging Face model folder (GPT-2 or Llama, with its tokenizer.json): `--model DIR`.
-Text streams out as it is generated; the KV cache keeps each step to one new token.
+Text streams out as it is generated; the KV cache keeps each step to one new token. Several --prompt options are
+generated together as one batch (prompts of different lengths included) and each continuation is printed when the
+batch is done.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .cli import UserError, command_line, load_trained_model
 from .interop import from_pretrained
 from .tokenization import HuggingFaceTokenizer
 
+SEPARATOR = "---------------\n"  # between samples, and between the prompts of a batch
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinytf.sample", description=__doc__.splitlines()[0],
@@ -28,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ckpt", type=Path, default=Path("out"), help="checkpoint folder written by tinytf.train")
     source.add_argument("--model", type=Path, default=None,
                         help="Hugging Face model folder: config.json, model.safetensors and tokenizer.json")
-    parser.add_argument("--prompt", default="\n", help="text to continue")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text to continue, a newline when none is given; several --prompt options are generated "
+                             "together as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -51,12 +57,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not args.prompt:
+    if args.prompt is not None and not all(args.prompt):
         raise UserError("--prompt must not be empty")
 
 
 def sample(args: argparse.Namespace, out=None) -> None:
-    """Print the prompt and what the model writes after it to `out` (default: the current sys.stdout)."""
+    """Print each prompt and what the model writes after it to `out` (default: the current sys.stdout)."""
     out = out or sys.stdout
     check_arguments(args)
     try:
@@ -64,33 +70,51 @@ def sample(args: argparse.Namespace, out=None) -> None:
     except (ValueError, RuntimeError) as error:
         raise UserError(str(error)) from None
     model, tokenizer = load_model(args, device)
+    texts = args.prompt or ["\n"]
+    prompts = [encoded_prompt(text, tokenizer, model.config.block_size) for text in texts]
+    rng = np.random.default_rng(args.seed)
+    for index in range(args.num_samples):
+        if index:
+            out.write(SEPARATOR)
+        if len(prompts) == 1:
+            stream_continuation(args, model, tokenizer, texts[0], prompts[0], rng, out)
+            continue
+        batch = model.generate(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               use_cache=not args.no_cache, rng=rng)
+        for number, (prompt, prompt_ids, ids) in enumerate(zip(texts, prompts, batch)):
+            continuation = tokenizer.decode(ids.tolist())[len(tokenizer.decode(prompt_ids)):]
+            out.write((SEPARATOR if number else "") + prompt + continuation + "\n")
+
+
+def encoded_prompt(text: str, tokenizer, block_size: int) -> np.ndarray:
+    """The prompt's token ids (at least one), with a note on stderr when the model will see only its end."""
     try:
-        prompt_ids = tokenizer.encode(args.prompt)
+        prompt_ids = tokenizer.encode(text)
     except ValueError as error:
         raise UserError(f"the prompt cannot be encoded: {error}") from None
     if len(prompt_ids) == 0:
-        raise UserError(f"the prompt {args.prompt!r} encodes to no tokens")
-    block_size = model.config.block_size
+        raise UserError(f"the prompt {text!r} encodes to no tokens")
     if len(prompt_ids) > block_size:
         print(f"note: the prompt has {len(prompt_ids)} tokens; the model sees only the last {block_size}",
               file=sys.stderr)
-    rng = np.random.default_rng(args.seed)
-    prompt_text = tokenizer.decode(prompt_ids)
-    for index in range(args.num_samples):
-        out.write(args.prompt)
-        ids, shown = list(prompt_ids), prompt_text
-        for next_ids in model.stream(prompt_ids[None, :], args.max_new_tokens, args.temperature, args.top_k,
-                                     args.top_p, use_cache=not args.no_cache, rng=rng):
-            # Decode the whole text and write what is new: a subword token's text can depend on its neighbours
-            # (a leading space), and a byte-level token can end inside a character, which decodes as U+FFFD.
-            ids.append(int(next_ids[0]))
-            text = tokenizer.decode(ids)
-            if not text.endswith("\ufffd"):
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
-        out.write(tokenizer.decode(ids)[len(shown):])
-        out.write("\n" if index == args.num_samples - 1 else "\n---------------\n")
+    return prompt_ids
+
+
+def stream_continuation(args: argparse.Namespace, model, tokenizer, prompt: str, prompt_ids, rng, out) -> None:
+    """Write the prompt and its continuation as the tokens come."""
+    out.write(prompt)
+    ids, shown = list(prompt_ids), tokenizer.decode(prompt_ids)
+    for next_ids in model.stream(prompt_ids[None, :], args.max_new_tokens, args.temperature, args.top_k,
+                                 args.top_p, use_cache=not args.no_cache, rng=rng):
+        # Decode the whole text and write what is new: a subword token's text can depend on its neighbours
+        # (a leading space), and a byte-level token can end inside a character, which decodes as U+FFFD.
+        ids.append(int(next_ids[0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tokenizer.decode(ids)[len(shown):] + "\n")
 
 
 def load_model(args: argparse.Namespace, device: str):

@@ -49,7 +49,15 @@ from .checkpoint import (Checkpoint, CheckpointError, FolderInUse, FolderLock, h
                          remove_checkpoint, remove_staging_folders, replace_folder_contents, save_checkpoint,
                          staging_folder, write_atomic)
 from .cli import UserError, command_line, load_trained_model
-from .data import BatchSampler, CharTokenizer, Corpus, TokenDataset, prepare_dataset, prepare_shards
+from .data import (
+    BatchSampler,
+    CharTokenizer,
+    Corpus,
+    TokenDataset,
+    document_positions,
+    prepare_dataset,
+    prepare_shards,
+)
 from .interop import from_pretrained, save_pretrained
 from .models import GPT, PRESETS, GPTConfig
 from .nn import skip_init
@@ -60,8 +68,11 @@ from .tokenization import Tokenizer, tokenizer_from_spec
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "mlp_hidden")
 # Options a resumed run takes from its checkpoint unless given again on the command line.
 TRAINING_OPTIONS = ("batch_size", "grad_accum", "iters", "lr", "min_lr", "warmup_iters", "weight_decay", "beta1",
-                    "beta2", "grad_clip", "eval_interval", "eval_iters", "seed", "peak_tflops", "init_from", "save_hf")
+                    "beta2", "grad_clip", "eval_interval", "eval_iters", "seed", "peak_tflops", "init_from", "save_hf",
+                    "document_masking")
 PRETRAINING_LR = 1e-3
+NO_DOCUMENT_END = ("--document-masking needs a tokenizer with an end-of-text token to find where documents end; "
+                   "--tokenizer {tokenizer} has none (use a BPE tokenizer: bpe:N, a tokenizer.json or tiktoken)")
 # nanoGPT's finetune_shakespeare rate: a pretrained model moves far less than a random one should
 FINETUNING_LR = 3e-5
 # Dense peak TFLOP/s by (a part of) CuPy's device name, first match wins: bf16/fp16 on tensor cores, fp32 without
@@ -113,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", default="char",
                       help="char; a tokenizer.json file or a model folder holding one (GPT-2's, Llama's); bpe:N, a "
                            "byte-level BPE of N tokens trained on --data; or tiktoken:NAME (tiktoken installed)")
+    data.add_argument("--document-masking", action="store_true",
+                      help="a training window that spans several documents attends within each, with positions "
+                           "restarting at each (varlen attention); needs a tokenizer with an end-of-text token")
     data.add_argument("--data-workers", type=int, default=None,
                       help="processes that encode the data, for tokenizers other than char (default: the CPUs)")
     data.add_argument("--out", type=Path, default=Path("out"), help="folder for data, checkpoints and metrics")
@@ -120,18 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--overwrite", action="store_true",
                       help="start a new run in an --out that holds one, deleting its checkpoint and metrics")
     data.add_argument("--init-from", type=Path, metavar="PATH",
-                      help="fine-tune: start from a Hugging Face GPT-2/Llama folder or a tinytf run folder, with its "
-                           "architecture (default: random weights)")
+                      help="fine-tune: start from a Hugging Face GPT-2/Llama/Mistral/Qwen2/Gemma 2 folder or a tinytf "
+                           "run folder, with its architecture (default: random weights)")
     data.add_argument("--save-hf", metavar="DIR",
                       help="also write the trained model as a Hugging Face folder when the run ends (default: "
                            "OUT/hf when --init-from is a Hugging Face folder, else none)")
     model = parser.add_argument_group("model (nanoGPT's CPU shakespeare_char configuration by default)")
-    model.add_argument("--preset", choices=("gpt2", "llama"), default="gpt2",
-                       help="gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU, GQA")
+    model.add_argument("--preset", choices=tuple(PRESETS), default="gpt2",
+                       help="gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU, GQA; gemma2: "
+                            "llama's with GeGLU, norms around attention and MLP, soft-capped attention and logits")
     model.add_argument("--n-layer", type=int, default=4, help="number of decoder blocks")
     model.add_argument("--n-head", type=int, default=4, help="query heads per attention layer")
     model.add_argument("--n-kv-head", type=int, default=None,
-                       help="key/value heads (GQA); default: n_head for gpt2, n_head // 2 for llama")
+                       help="key/value heads (GQA); default: n_head for gpt2, n_head // 2 for llama and gemma2")
     model.add_argument("--n-embd", type=int, default=128, help="width of the residual stream")
     model.add_argument("--block-size", type=int, default=64, help="context length in characters")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
@@ -233,6 +248,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
+    if args.document_masking and args.tokenizer == "char" and not args.resume:
+        raise UserError(NO_DOCUMENT_END.format(tokenizer="char"))
     if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
         raise UserError(f"--peak-tflops must be a positive number of TFLOP/s, got {args.peak_tflops}")
     if "" in args.freeze:
@@ -473,10 +490,21 @@ def load_dataset(args: argparse.Namespace, corpus: Corpus | None = None, tokeniz
     return dataset
 
 
-def rank_batch(sampler: BatchSampler, split: str, device: str):
-    """This rank's rows of the sampler's next global batch of `split`, on `device`: inputs and targets, (b, T)."""
-    x, y = (distributed.shard(rows) for rows in sampler.get_batch(split))
-    return backend.to_device(x, device), backend.to_device(y, device)
+def rank_batch(sampler: BatchSampler, split: str, device: str, eot_id: int | None = None):
+    """This rank's rows of the sampler's next global batch of `split`, on `device`: model_inputs of them."""
+    return model_inputs(*(distributed.shard(rows) for rows in sampler.get_batch(split)), device, eot_id)
+
+
+def model_inputs(inputs: np.ndarray, targets: np.ndarray, device: str, eot_id: int | None) -> tuple:
+    """(inputs, targets, position_ids) on `device`, for GPT.forward: position_ids number the tokens inside their
+    documents when documents end with `eot_id` (--document-masking), else None."""
+    positions = None if eot_id is None else backend.to_device(document_positions(inputs, eot_id), device)
+    return backend.to_device(inputs, device), backend.to_device(targets, device), positions
+
+
+def document_end(run) -> int | None:
+    """The token that ends documents, where --document-masking keeps attention inside them; else None."""
+    return run.tokenizer.eot_id if run.args.document_masking else None
 
 
 # --- the run: set up fresh, or restored from a checkpoint -------------------------------------------------------------
@@ -631,6 +659,8 @@ def set_up_run(args: argparse.Namespace, checkpoint: Checkpoint | None, start: S
         data_sha256=data_sha256,
         peak_tflops=device_peak_tflops(args, device),
     )
+    if args.document_masking and run.tokenizer.eot_id is None:
+        raise UserError(NO_DOCUMENT_END.format(tokenizer=args.tokenizer))
     if checkpoint is not None:
         restore_run(run, checkpoint)
     config = model.config
@@ -795,7 +825,8 @@ def frozen_note(model: GPT) -> str:
 
 # --- training ---------------------------------------------------------------------------------------------------------
 @no_grad()
-def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, device: str) -> dict[str, float]:
+def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, device: str,
+                  eot_id: int | None = None) -> dict[str, float]:
     """Mean loss of `eval_iters` batches per split; in a data-parallel run each rank scores its rows of the global
     batch and the means are averaged over ranks (equal shares, so that is the mean over the global batch)."""
     model.eval()
@@ -803,14 +834,15 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, device: st
     totals = np.zeros(len(splits))
     for index, split in enumerate(splits):
         for _ in range(eval_iters):
-            totals[index] += model(*rank_batch(sampler, split, device))[1].item()
+            inputs, targets, positions = rank_batch(sampler, split, device, eot_id)
+            totals[index] += model(inputs, targets, position_ids=positions)[1].item()
     model.train()
     distributed.all_reduce(totals, op="mean")
     return {split: float(total / eval_iters) for split, total in zip(splits, totals)}
 
 
 def step_batches(run: Run):
-    """This rank's --grad-accum micro-batches of the next step, each (inputs, targets) of shape (b, T) on its device.
+    """This rank's --grad-accum micro-batches of the next step, each model_inputs of (b, T) rows on its device.
 
     The step draws all of them as one global batch of grad_accum * world_size * batch_size windows, micro-batch
     after micro-batch, and each rank keeps its rows of each: every way of splitting the same number of sequences per
@@ -818,8 +850,8 @@ def step_batches(run: Run):
     inputs, targets = run.samplers["train"].get_batch("train")
     count = run.args.grad_accum
     for micro_inputs, micro_targets in zip(np.split(inputs, count), np.split(targets, count)):
-        yield (backend.to_device(distributed.shard(micro_inputs), run.device),
-               backend.to_device(distributed.shard(micro_targets), run.device))
+        yield model_inputs(distributed.shard(micro_inputs), distributed.shard(micro_targets), run.device,
+                           document_end(run))
 
 
 def widen_half_gradients(params) -> None:
@@ -837,8 +869,8 @@ def train_step(run: Run, lr: float) -> float:
         group["lr"] = lr
     run.optimizer.zero_grad()
     losses = []
-    for micro_batch, (inputs, targets) in enumerate(step_batches(run)):
-        _, loss = run.model(inputs, targets)
+    for micro_batch, (inputs, targets, positions) in enumerate(step_batches(run)):
+        _, loss = run.model(inputs, targets, position_ids=positions)
         # Each micro-batch's loss is the mean over its rows: divided by the number of micro-batches, the summed
         # gradients are those of the mean over all the step's rows, as one batch of them would give (dividing by 1
         # changes nothing).
@@ -860,7 +892,7 @@ def evaluate_and_save(run: Run, iteration: int, lr: float, tokens_per_s: float, 
 
     Returns False, writing nothing, when a loss or a weight is not finite: a diverged model never replaces the
     last good checkpoint."""
-    losses = estimate_loss(run.model, run.samplers["eval"], run.args.eval_iters, run.device)
+    losses = estimate_loss(run.model, run.samplers["eval"], run.args.eval_iters, run.device, document_end(run))
     if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"]) and weights_are_finite(run)):
         return False
     run.best_val = min(run.best_val, losses["val"])

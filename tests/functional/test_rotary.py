@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from op_check import check_op, random_array
 
+import tinytf
 import tinytf.functional as F
 
 seeds = st.integers(0, 2**32 - 1)
@@ -29,6 +31,20 @@ def test_rotary_follows_the_formula_for_any_tables(seed, T, half):
     cos, sin = random_array(seed + 1, (T, 2 * half)), random_array(seed + 2, (T, 2 * half))
     check_op(lambda x: F.apply_rotary(x, cos, sin), lambda x: _rope_reference(x, cos, sin),
              random_array(seed, (2, T, 2 * half)))
+
+
+@given(seed=seeds, total=st.integers(1, 6), half=st.integers(1, 3))
+def test_rotary_takes_a_table_row_per_packed_row(seed, total, half):
+    # Packed sequences: x (total, H, D), each row at a position of its own, tables (total, 1, D).
+    cos, sin = random_array(seed + 1, (total, 1, 2 * half)), random_array(seed + 2, (total, 1, 2 * half))
+    check_op(lambda x: F.apply_rotary(x, cos, sin), lambda x: _rope_reference(x, cos, sin),
+             random_array(seed, (total, 3, 2 * half)))
+
+
+def test_rotary_refuses_tables_that_do_not_broadcast():
+    cos = np.ones((4, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=r"tables of shape \(4, 2, 8\) do not fit input of shape \(4, 3, 8\)"):
+        F.apply_rotary(tinytf.tensor(np.ones((4, 3, 8), np.float32)), cos, cos)
 
 
 def test_rotary_preserves_norms_and_relative_angles():

@@ -1,5 +1,7 @@
-"""Hugging Face checkpoints: tinytf matches transformers on GPT-2 and Llama weights, saves folders transformers loads,
-and refuses malformed or unsupported checkpoints with errors that name the problem.
+"""Hugging Face checkpoints: tinytf matches transformers on GPT-2, Llama, Mistral, Qwen2 and Gemma 2 weights (logits,
+greedy generation with and without the KV cache, past the sliding windows), saves folders transformers loads, and
+refuses malformed or unsupported checkpoints with errors that name the problem (test_hf_families.py: the settings
+only Mistral, Qwen2 and Gemma 2 have).
 
 The tests against transformers build small random models from configs (never the Hub) and skip when the interop
 extra is absent; the others need only NumPy and safetensors (and tokenizers for the sampling CLI).
@@ -12,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import safetensors.numpy
+from hf_reference import HF_MODELS, IDS, NEW_TOKENS, PROMPT, TOLERANCE, VOCAB, hf_logits, max_difference
 
 import tinytf
 import tinytf.sample as sample_module
@@ -20,63 +23,13 @@ from tinytf.checkpoint import CheckpointError
 from tinytf.interop import from_pretrained, save_pretrained
 from tinytf.models import GPT, GPTConfig
 
-TOLERANCE = 5e-5  # max |logit difference| against transformers, float32
-VOCAB = 97
-IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 40))
-PROMPT = IDS[:1, :5]
-NEW_TOKENS = 20
-
-# Random transformers models: GPT-2; Llama with GQA and an explicit head_dim (6 heads of 10 in width 48); Llama with
-# MQA and tied embeddings. No special tokens, so that generate() never stops early.
-HF_MODELS = {
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                                                    layer_norm_epsilon=1e-4)),
-    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", dict(
-        hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-        head_dim=10, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5)),
-    "llama_mqa_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
-        hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        max_position_embeddings=64, tie_word_embeddings=True)),
-}
-
-
-@pytest.fixture(scope="module")
-def hf_models(hf, tmp_path_factory):
-    """name -> (transformers model in eval mode, the folder it saved itself to)."""
-    torch, transformers = hf
-    torch.manual_seed(0)
-    models = {}
-    for name, (config_class, model_class, settings) in HF_MODELS.items():
-        config = getattr(transformers, config_class)(vocab_size=VOCAB, initializer_range=0.1, bos_token_id=None,
-                                                     eos_token_id=None, pad_token_id=None, **settings)
-        model = getattr(transformers, model_class)(config).eval()
-        with torch.no_grad():  # norm weights and biases start at 1 and 0: move them, so a loader must read them
-            for parameter in model.parameters():
-                if parameter.ndim == 1:
-                    parameter.add_(0.2 * torch.randn_like(parameter))
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        models[name] = model, folder
-    return models
-
-
-def _hf_logits(hf_model, ids):
-    import torch
-
-    with torch.no_grad():
-        return hf_model(torch.as_tensor(ids)).logits.numpy()
-
-
-def _max_difference(a, b) -> float:
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-
 
 # --- against transformers ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_logits_match_transformers(hf_models, name):
     hf_model, folder = hf_models[name]
     model = from_pretrained(folder)
-    difference = _max_difference(model(IDS)[0].data, _hf_logits(hf_model, IDS))
+    difference = max_difference(model(IDS)[0].data, hf_logits(hf_model, IDS))
     print(f"{name}: max |logit difference| {difference:.2e}")
     assert difference < TOLERANCE
 
@@ -94,16 +47,18 @@ def test_greedy_generation_matches_transformers_with_and_without_cache(hf_models
     for use_cache in (True, False):
         np.testing.assert_array_equal(model.generate(PROMPT, NEW_TOKENS, temperature=0, use_cache=use_cache).data,
                                       expected)
-    # Per step: tinytf's cached logits, and its logits from the whole sequence at once, equal transformers'.
+    # Per step, past the window: tinytf's decoding logits (decode_step) and its logits from the whole sequence.
     reference_logits = np.stack([logits[0].numpy() for logits in reference.logits])
     caches = model.make_kv_caches(1)
-    fed, cached_logits = PROMPT, []
-    for step in range(NEW_TOKENS):
-        cached_logits.append(model.lm_head(model.hidden_states(fed, caches)[0, -1]).data)
-        fed = expected[:, PROMPT.shape[1] + step, None]
-    assert _max_difference(np.stack(cached_logits), reference_logits) < TOLERANCE
+    first = model.logits(model.hidden_states(PROMPT, caches)[:, -1]).data
+    layouts = tinytf.nn.layers.DecodeLayouts()
+    decoded = [first] + [model.decode_step(expected[:, PROMPT.shape[1] + step], caches, layouts)
+                         for step in range(NEW_TOKENS - 1)]
+    difference = max_difference(np.concatenate(decoded), reference_logits)
+    print(f"{name}: max |decoding logit difference| {difference:.2e}")
+    assert difference < TOLERANCE
     full_logits = model(expected[:, :-1])[0].data[0, PROMPT.shape[1] - 1:]
-    assert _max_difference(full_logits, reference_logits) < TOLERANCE
+    assert max_difference(full_logits, reference_logits) < TOLERANCE
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -114,7 +69,7 @@ def test_half_precision_files_load_as_float32(hf, hf_models, tmp_path, dtype):
     model = from_pretrained(tmp_path)
     assert all(array.dtype == np.float32 for array in model.state_dict().values())
     widened = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert _max_difference(model(IDS)[0].data, _hf_logits(widened, IDS)) < TOLERANCE
+    assert max_difference(model(IDS)[0].data, hf_logits(widened, IDS)) < TOLERANCE
 
 
 def _bits(array) -> np.ndarray:
@@ -144,15 +99,15 @@ def test_half_precision_files_load_without_widening_when_asked(hf, hf_models, tm
     # half-precision forward is: both round activations at every op, so neither is expected to be closer than about
     # the other (FlashAttention's tests justify tolerances this way); the factor 2 leaves room for different
     # rounding points, and the 1e-3 floor for rows where transformers happens to round less.
-    reference = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval(),
+    reference = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval(),
                            IDS)
     with torch.no_grad():
         theirs_half = half_model(torch.as_tensor(IDS)).logits.float().numpy()
     ours_half = model(IDS)[0]
     assert ours_half.dtype == backend.as_dtype(dtype)
-    print(f"{dtype}: max |logit difference| from float32: tinytf {_max_difference(ours_half.numpy(), reference):.2e}, "
-          f"transformers {_max_difference(theirs_half, reference):.2e}")
-    assert _max_difference(ours_half.numpy(), reference) <= 2 * _max_difference(theirs_half, reference) + 1e-3
+    print(f"{dtype}: max |logit difference| from float32: tinytf {max_difference(ours_half.numpy(), reference):.2e}, "
+          f"transformers {max_difference(theirs_half, reference):.2e}")
+    assert max_difference(ours_half.numpy(), reference) <= 2 * max_difference(theirs_half, reference) + 1e-3
 
 
 def test_a_bfloat16_model_saves_bf16_tensors_that_transformers_reads(hf, tmp_path):
@@ -185,7 +140,7 @@ def test_saved_model_loads_in_transformers_with_the_same_logits(hf, tmp_path, pr
     model = _tinytf_model(preset, **overrides)
     save_pretrained(model, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert _max_difference(model(IDS)[0].data, _hf_logits(hf_model, IDS)) < TOLERANCE
+    assert max_difference(model(IDS)[0].data, hf_logits(hf_model, IDS)) < TOLERANCE
 
 
 # --- tinytf's own round trip and checkpoint variants (no torch) ------------------------------------------------------
@@ -345,7 +300,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed_together(tmp_path):
      "rope_scaling.type='linear' is not supported"),
     ("llama", dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
     ("llama", dict(attention_bias=True), "attention_bias=True with mlp_bias=False is not supported"),
-    ("llama", dict(model_type="mistral"), "model_type='mistral' is not supported; tinytf loads gpt2, llama"),
+    ("llama", dict(model_type="falcon"),
+     "model_type='falcon' is not supported; tinytf loads gpt2, llama, mistral, qwen2, gemma2"),
     ("gpt2", dict(activation_function="relu"), "activation_function='relu' is not supported"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True is not supported"),
     ("gpt2", dict(n_head=5), "n_embd .32. must be divisible by n_head .5."),

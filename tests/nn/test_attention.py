@@ -6,8 +6,9 @@ from tinytf import nn
 from tinytf.nn.layers import DecodeLayouts
 
 
-def _reference_attention(x, attention):
-    """Causal attention from the layer's weights in plain NumPy, repeating K/V heads for GQA."""
+def _reference_attention(x, attention, window=None, softcap=None, scale=None):
+    """Causal attention from the layer's weights in plain NumPy, repeating K/V heads for GQA; with a window, query t
+    sees keys t - window .. t; with a softcap, scaled scores become softcap * tanh(scores / softcap)."""
     B, T, C = x.shape
     H, Hkv, D = attention.n_head, attention.n_kv_head, attention.head_dim
     qkv = x @ attention.c_attn.weight.numpy().T.astype(x.dtype) + attention.c_attn.bias.numpy()
@@ -15,12 +16,18 @@ def _reference_attention(x, attention):
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     k = np.repeat(k.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3), H // Hkv, axis=1)
     v = np.repeat(v.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3), H // Hkv, axis=1)
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D)
-    scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
+    scores = q @ k.transpose(0, 1, 3, 2) * (1 / np.sqrt(D) if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
+    visible = np.tril(np.ones((T, T), dtype=bool))
+    if window is not None:
+        visible &= np.triu(np.ones((T, T), dtype=bool), -window)
+    scores = np.where(visible, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     y = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, H * D)
-    return y @ attention.c_proj.weight.numpy().T + attention.c_proj.bias.numpy()
+    out = y @ attention.c_proj.weight.numpy().T
+    return out if attention.c_proj.bias is None else out + attention.c_proj.bias.numpy()
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
@@ -33,6 +40,18 @@ def test_attention_matches_numpy_reference_for_mha_gqa_and_mqa(n_kv_head):
     assert attention.c_attn.weight.shape == ((4 + 2 * n_kv_head) * 4, 16)
 
 
+@pytest.mark.parametrize("window, softcap, scale", [(2, None, None), (0, None, None), (None, 0.8, None),
+                                                    (3, 0.8, 0.3)])
+def test_window_softcap_and_scale_match_numpy_reference(window, softcap, scale):
+    tinytf.manual_seed(0)
+    attention = nn.MultiHeadAttention(16, 4, 2, max_length=8, bias=False, qkv_bias=True, window=window,
+                                      softcap=softcap, scale=scale)
+    assert attention.c_proj.bias is None and attention.c_attn.bias is not None  # Qwen2's biases
+    x = np.random.default_rng(0).standard_normal((2, 7, 16)).astype(np.float32) * 3  # scores big enough to cap
+    np.testing.assert_allclose(attention(tinytf.tensor(x)).numpy(),
+                               _reference_attention(x, attention, window, softcap, scale), rtol=1e-4, atol=1e-5)
+
+
 def test_attention_output_at_t_ignores_later_tokens():
     attention = nn.MultiHeadAttention(8, 2, rope=True, max_length=8)
     x = tinytf.randn(1, 6, 8)
@@ -42,9 +61,9 @@ def test_attention_output_at_t_ignores_later_tokens():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_kv_cache_decoding_equals_full_attention(rope):
-    attention = nn.MultiHeadAttention(16, 4, 2, max_length=12, rope=rope)
+@pytest.mark.parametrize("rope, window, softcap", [(False, None, None), (True, None, None), (True, 2, 0.8)])
+def test_kv_cache_decoding_equals_full_attention(rope, window, softcap):
+    attention = nn.MultiHeadAttention(16, 4, 2, max_length=12, rope=rope, window=window, softcap=softcap)
     x = tinytf.randn(2, 9, 16)
     full = attention(x).numpy()
     cache = nn.KVCache(2, 2, 12, 4, np.float32)
@@ -53,11 +72,13 @@ def test_kv_cache_decoding_equals_full_attention(rope):
     assert cache.length == 9
 
 
-@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("rope, window, softcap", [(False, None, None), (True, None, None), (True, 2, None),
+                                                   (True, 0, 0.8), (False, 6, 0.8)])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_decode_on_arrays_equals_forward_with_the_cache(rope, n_kv_head):
-    """MultiHeadAttention.decode (one token, raw arrays) gives forward's output and fills the cache alike."""
-    attention = nn.MultiHeadAttention(16, 4, n_kv_head, max_length=12, rope=rope)
+def test_decode_on_arrays_equals_forward_with_the_cache(rope, window, softcap, n_kv_head):
+    """MultiHeadAttention.decode (one token, raw arrays) gives forward's output and fills the cache alike, with a
+    sliding window shorter than the cache (and one longer) and a softcap."""
+    attention = nn.MultiHeadAttention(16, 4, n_kv_head, max_length=12, rope=rope, window=window, softcap=softcap)
     x = tinytf.randn(3, 9, 16)
     general, fast = nn.KVCache(3, n_kv_head, 12, 4, np.float32), nn.KVCache(3, n_kv_head, 12, 4, np.float32)
     attention(x[:, :5], general)
@@ -97,3 +118,64 @@ def test_attention_configuration_errors():
         nn.MultiHeadAttention(16, 4, 3)
     with pytest.raises(ValueError, match="not divisible by n_head"):
         nn.MultiHeadAttention(10, 4)
+    with pytest.raises(ValueError, match="window must be None or a number of keys >= 0, got -1"):
+        nn.MultiHeadAttention(16, 4, window=-1)
+
+
+def test_kv_cache_stores_packed_sequences_right_aligned():
+    cache = nn.KVCache(3, 2, 6, 4, np.float32)
+    cache.keys[...] = np.nan  # what an earlier use may have left
+    lengths = [2, 4, 1]
+    keys = np.arange(7 * 2 * 4, dtype=np.float32).reshape(7, 2, 4)  # (total, Hkv, D)
+    cache.store_sequences(keys, -keys, np.array([0, 2, 6, 7], dtype=np.int32))
+    assert cache.length == 4
+    np.testing.assert_array_equal(cache.positions(), lengths)
+    np.testing.assert_array_equal(cache.start_bias(1)[:, 0, 0], [[-np.inf, 0, 0], [0, 0, 0], [-np.inf, -np.inf, 0]])
+    first = 0
+    for row, length in enumerate(lengths):
+        start = 4 - length
+        np.testing.assert_array_equal(cache.keys[row, :, start:4], keys[first : first + length].swapaxes(0, 1))
+        np.testing.assert_array_equal(cache.values[row, :, start:4], -keys[first : first + length].swapaxes(0, 1))
+        assert (cache.keys[row, :, :start] == 0).all() and (cache.values[row, :, :start] == 0).all()
+        first += length
+    equal = nn.KVCache(2, 2, 6, 4, np.float32)
+    equal.store_sequences(keys[:6], keys[:6], np.array([0, 3, 6]))
+    assert equal.positions() == 3 and equal.start_bias() is None
+
+
+def test_kv_cache_refuses_sequences_that_do_not_fit():
+    keys = np.zeros((5, 2, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"shape \(3, 2, 6, 4\) cannot take 2 sequences of keys \(5, 2, 4\)"):
+        nn.KVCache(3, 2, 6, 4, np.float32).store_sequences(keys, keys, np.array([0, 2, 5]))
+    with pytest.raises(ValueError, match="holds 3 positions; a sequence of 4 does not fit"):
+        nn.KVCache(2, 2, 3, 4, np.float32).store_sequences(keys, keys, np.array([0, 1, 5]))
+    cache = nn.KVCache(2, 2, 6, 4, np.float32)
+    cache.store_sequences(keys, keys, np.array([0, 1, 5]))
+    with pytest.raises(ValueError, match="into an empty cache; this one holds 4 positions"):
+        cache.store_sequences(keys, keys, np.array([0, 1, 5]))
+
+
+@pytest.mark.parametrize("rope, window, softcap", [(False, None, None), (True, 1, 0.8)])
+def test_decoding_rows_of_different_lengths_equals_each_row_alone(device, rope, window, softcap):
+    """Prompts of 5, 2 and 3 tokens prefilled as packed sequences (forward with position_ids and a cache), then one
+    token per row by decode: each row's outputs are those of its prompt alone."""
+    tinytf.manual_seed(0)
+    attention = nn.MultiHeadAttention(16, 4, 2, max_length=8, rope=rope, window=window, softcap=softcap).to(device)
+    lengths, new = [5, 2, 3], 2
+    x = np.random.default_rng(0).standard_normal((3, 5 + new, 16)).astype(np.float32) * 3
+    rows = np.concatenate([x[row, :length] for row, length in enumerate(lengths)])[None]  # (1, 10, 16)
+    positions = np.concatenate([np.arange(length) for length in lengths])[None]
+    cache, layouts = nn.KVCache(3, 2, 8, 4, np.float32, device), DecodeLayouts()
+    prefill = attention(tinytf.tensor(rows).to(device), cache, positions).numpy()[0]
+    decoded = []
+    with tinytf.backend.device_scope(cache.device):  # decode works on raw arrays of the current device (decode_step)
+        for t in range(new):
+            tokens = np.stack([x[row, length + t] for row, length in enumerate(lengths)])  # (3, 16)
+            decoded.append(tinytf.Tensor(attention.decode(tinytf.tensor(tokens).to(device).data, cache, layouts)))
+    decoded = [step.numpy() for step in decoded]
+    first = 0
+    for row, length in enumerate(lengths):
+        alone = attention(tinytf.tensor(x[row : row + 1, : length + new]).to(device)).numpy()[0]
+        np.testing.assert_allclose(prefill[first : first + length], alone[:length], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.stack([step[row] for step in decoded]), alone[length:], rtol=1e-5, atol=1e-6)
+        first += length

@@ -14,7 +14,7 @@ def test_layer_shapes_and_parameter_counts():
     assert nn.LayerNorm(8)(x).shape == x.shape and nn.LayerNorm(8, bias=False).num_parameters() == 8
     assert nn.RMSNorm(8)(x).shape == x.shape and nn.RMSNorm(8).num_parameters() == 8
     assert nn.GELUMLP(8, 32)(x).shape == x.shape and nn.GELUMLP(8, 32).num_parameters() == 8 * 32 * 2 + 32 + 8
-    assert nn.SwiGLUMLP(8, 24)(x).shape == x.shape and nn.SwiGLUMLP(8, 24).num_parameters() == 3 * 8 * 24
+    assert nn.GatedMLP(8, 24)(x).shape == x.shape and nn.GatedMLP(8, 24).num_parameters() == 3 * 8 * 24
 
 
 def test_linear_init_matches_pytorch_bound():
@@ -33,7 +33,7 @@ def test_dropout_module_follows_train_and_eval():
 
 
 def test_swiglu_matches_its_formula():
-    mlp = nn.SwiGLUMLP(4, 6)
+    mlp = nn.GatedMLP(4, 6)
     x = tinytf.randn(3, 4)
     gate = x.numpy() @ mlp.gate.weight.numpy().T
     up = x.numpy() @ mlp.up.weight.numpy().T
@@ -59,3 +59,30 @@ def test_decode_layouts_compute_half_precision_in_float32_and_round_once():
     out = DecodeLayouts().linear(x.data, linear)
     assert out.dtype == x.dtype
     np.testing.assert_array_equal(out.astype(np.float32), linear(x).numpy().astype(np.float32))
+
+
+def test_rms_norm_with_a_weight_offset_scales_by_offset_plus_weight():
+    """Gemma's RMSNorm: x / rms(x) * (1 + w), its weight starting at 0; forward, decode and the weight's gradient."""
+    norm = nn.RMSNorm(6, eps=1e-6, weight_offset=1.0)
+    np.testing.assert_array_equal(norm.weight.numpy(), np.zeros(6, dtype=np.float32))
+    norm.weight.data = np.linspace(-0.5, 0.5, 6, dtype=np.float32)
+    x = tinytf.randn(3, 6, requires_grad=True)
+    normalized = x.numpy() / np.sqrt((x.numpy() ** 2).mean(-1, keepdims=True) + 1e-6)
+    y = norm(x)
+    np.testing.assert_allclose(y.numpy(), normalized * (1 + norm.weight.numpy()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm.decode(x.numpy()), y.numpy(), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    np.testing.assert_allclose(norm.weight.grad, normalized.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_geglu_matches_its_formula_and_decodes_alike():
+    mlp = nn.GatedMLP(4, 6, activation="gelu_tanh")
+    x = tinytf.randn(3, 4)
+    gate = x.numpy() @ mlp.gate.weight.numpy().T
+    up = x.numpy() @ mlp.up.weight.numpy().T
+    gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+    expected = (gelu * up) @ mlp.c_proj.weight.numpy().T
+    np.testing.assert_allclose(mlp(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mlp.decode(x.numpy(), DecodeLayouts()), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="activation must be one of .'silu', 'gelu_tanh'., got 'relu'"):
+        nn.GatedMLP(4, 6, activation="relu")

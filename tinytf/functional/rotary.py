@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Function, Tensor
 
@@ -31,14 +33,14 @@ def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     out = x * cos
     first, second = out[..., :half], out[..., half:]
-    first -= x[..., half:] * sin[:, :half]
-    second += x[..., :half] * sin[:, half:]
+    first -= x[..., half:] * sin[..., :half]
+    second += x[..., :half] * sin[..., half:]
     return out
 
 
 class Rotary(Function):
     def forward(self, x, cos, sin):
-        """(..., T, D), (T, D), (T, D) -> (..., T, D), computed in float32 at least"""
+        """(..., T, D), cos and sin broadcast to it (T, D) -> (..., T, D), computed in float32 at least"""
         xp = backend.get_array_module(x)
         compute = x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
         self.tables = cos, sin
@@ -50,19 +52,27 @@ class Rotary(Function):
         cos, sin = self.tables
         half = sin.shape[-1] // 2
         xp = backend.get_array_module(grad)
-        transposed_sin = -xp.concatenate([sin[:, half:], sin[:, :half]], axis=-1)
+        transposed_sin = -xp.concatenate([sin[..., half:], sin[..., :half]], axis=-1)
         return _rotate(grad, cos, transposed_sin).astype(grad.dtype, copy=False)
 
 
 def apply_rotary(x: Tensor, cos, sin) -> Tensor:
-    """Rotate the last axis of x (..., T, D) by the angles of positions given as cos/sin rows (T, D)."""
+    """Rotate the last axis of x (..., T, D) by the angles of positions given as cos/sin rows (T, D), or as tables
+    that broadcast to x's shape with a position per row (packed sequences: x (total, H, D), tables (total, 1, D))."""
     cos = cos.data if isinstance(cos, Tensor) else cos
     sin = sin.data if isinstance(sin, Tensor) else sin
-    if cos.shape != (x.shape[-2], x.shape[-1]) or sin.shape != cos.shape:
+    if sin.shape != cos.shape or cos.shape[-1:] != x.shape[-1:] or not _broadcasts_to(cos.shape, x.shape):
         raise ValueError(f"apply_rotary: tables of shape {cos.shape} do not fit input of shape {x.shape}")
     if backend.device_of(cos) != x.device:  # tables made on the host, for x on a GPU
         cos, sin = backend.to_device(cos, x.device), backend.to_device(sin, x.device)
     return Rotary.apply(x, cos=cos, sin=sin)
+
+
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
 
 
 def sinusoidal_table(max_positions: int, dim: int, xp=None):

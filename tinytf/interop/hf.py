@@ -1,21 +1,28 @@
-"""Hugging Face checkpoints in and out: GPT-2 and Llama model folders <-> tinytf's `GPT`.
+"""Hugging Face checkpoints in and out: GPT-2, Llama, Mistral, Qwen2 and Gemma 2 model folders <-> tinytf's `GPT`.
 
 A Hugging Face model folder holds `config.json` and the weights, as `model.safetensors` or as shards listed in
-`model.safetensors.index.json`. Both families are tinytf's one decoder with different settings; their tensors map
+`model.safetensors.index.json`. Every family is tinytf's one decoder with different settings; their tensors map
 onto tinytf's names as follows (per block i, in `transformer.h.{i}` / `model.layers.{i}`):
 
-    tinytf                GPT-2 ("transformer." prefix)     Llama ("model." prefix)
-    wte                   wte                               embed_tokens
-    wpe                   wpe                               -  (RoPE)
-    blocks.i.norm1        h.i.ln_1                          layers.i.input_layernorm
-    blocks.i.attn.c_attn  h.i.attn.c_attn                   layers.i.self_attn.q_proj | k_proj | v_proj
-    blocks.i.attn.c_proj  h.i.attn.c_proj                   layers.i.self_attn.o_proj
-    blocks.i.norm2        h.i.ln_2                          layers.i.post_attention_layernorm
-    blocks.i.mlp.c_fc     h.i.mlp.c_fc                      -
-    blocks.i.mlp.gate/up  -                                 layers.i.mlp.gate_proj / up_proj
-    blocks.i.mlp.c_proj   h.i.mlp.c_proj                    layers.i.mlp.down_proj
-    ln_f                  ln_f                              norm
-    lm_head               lm_head (absent when tied)        lm_head (absent when tied)
+    tinytf                   GPT-2 ("transformer." prefix)  Llama, Mistral, Qwen2 ("model.")  Gemma 2 ("model.")
+    wte                      wte                            embed_tokens                      embed_tokens
+    wpe                      wpe                            -  (RoPE)                         -  (RoPE)
+    blocks.i.norm1           h.i.ln_1                       layers.i.input_layernorm          (as Llama)
+    blocks.i.attn.c_attn     h.i.attn.c_attn                layers.i.self_attn.q_proj | k_proj | v_proj
+    blocks.i.attn.c_proj     h.i.attn.c_proj                layers.i.self_attn.o_proj         (as Llama)
+    blocks.i.attn_out_norm   -                              -                                 post_attention_layernorm
+    blocks.i.norm2           h.i.ln_2                       layers.i.post_attention_layernorm pre_feedforward_layernorm
+    blocks.i.mlp.c_fc        h.i.mlp.c_fc                   -                                 -
+    blocks.i.mlp.gate/up     -                              layers.i.mlp.gate_proj / up_proj  (as Llama)
+    blocks.i.mlp.c_proj      h.i.mlp.c_proj                 layers.i.mlp.down_proj            (as Llama)
+    blocks.i.mlp_out_norm    -                              -                                 post_feedforward_layernorm
+    ln_f                     ln_f                           norm                              norm
+    lm_head                  lm_head (absent when tied)     lm_head (absent when tied)        (as Llama)
+
+(Gemma 2's post_attention_layernorm normalizes the attention's output; Llama's, despite the same name, the MLP's
+input.) Mistral, Qwen2 and Gemma 2 are Llama's decoder with a sliding window (on every layer for Mistral, on the
+layers `layer_types` names for Qwen2 and Gemma 2), biases on q, k, v (Qwen2), and for Gemma 2 a GeGLU MLP, RMSNorm
+scaling by 1 + weight, sandwich norms, scaled embeddings and softcapped scores and logits.
 
 GPT-2 keeps its block weights as Conv1D, (in, out): they are transposed to tinytf's (out, in). tinytf fuses Llama's
 q/k/v projections into one matrix, rows [q heads | k heads | v heads], the order GPT-2's c_attn has too.
@@ -84,8 +91,10 @@ def _gpt2_fields(settings: _Settings) -> dict:
 
 
 def _gpt2_entries(config: GPTConfig) -> dict:
-    if not config.bias:
-        raise ValueError("save_pretrained: GPT-2 has biases everywhere, this model has bias=False")
+    if not (config.bias and config.qkv_bias):
+        raise ValueError(f"save_pretrained: GPT-2 has biases everywhere, this model has bias={config.bias}, "
+                         f"qkv_bias={config.qkv_bias}")
+    _refuse_features(config, "GPT-2", *_OFF)
     if config.n_kv_head != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head):
         raise ValueError(
             f"save_pretrained: GPT-2 has n_head key/value heads of size n_embd / n_head; this model has "
@@ -121,12 +130,119 @@ def _rope_theta(settings: _Settings) -> float:
     return float(rope.get("rope_theta", settings.get("rope_theta", 10000.0)))
 
 
+def _rope_entries(config: GPTConfig) -> dict:
+    # transformers 5 reads rope_parameters, transformers 4 the top-level rope_theta.
+    return dict(rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_theta=config.rope_theta)
+
+
+# GPTConfig settings that only some families' config.json can express, with their "off" values.
+_OFF = dict(sliding_window=None, attn_softcap=None, final_softcap=None, query_pre_attn_scalar=None)
+_GEMMA2_ONLY = ("attn_softcap", "final_softcap", "query_pre_attn_scalar")
+
+
+def _refuse_features(config: GPTConfig, family: str, *fields: str) -> None:
+    for field in fields:
+        if getattr(config, field) != _OFF[field]:
+            raise ValueError(
+                f"save_pretrained: {family} has no {field}; this model has {field}={getattr(config, field)!r}"
+            )
+
+
 def _llama_entries(config: GPTConfig) -> dict:
-    return dict(
-        hidden_act="silu", attention_bias=config.bias, mlp_bias=config.bias,
-        # transformers 5 reads rope_parameters, transformers 4 the top-level rope_theta.
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rope_theta=config.rope_theta,
-    )
+    if config.qkv_bias != config.bias:
+        raise ValueError(f"save_pretrained: Llama has biases on all attention projections or on none; this model has "
+                         f"bias={config.bias}, qkv_bias={config.qkv_bias}")
+    _refuse_features(config, "Llama", *_OFF)
+    return dict(hidden_act="silu", attention_bias=config.bias, mlp_bias=config.bias, **_rope_entries(config))
+
+
+def _check_biases(config: GPTConfig, family: str, qkv_bias: bool) -> None:
+    """Mistral, Qwen2 and Gemma 2 have no biases but, for Qwen2, on q, k, v."""
+    if config.bias or config.qkv_bias != qkv_bias:
+        raise ValueError(f"save_pretrained: {family} has biases {'on q, k, v only' if qkv_bias else 'nowhere'}; this "
+                         f"model has bias={config.bias}, qkv_bias={config.qkv_bias}")
+
+
+def _mistral_fields(settings: _Settings) -> dict:
+    settings.refuse_unless("hidden_act", "silu", ("silu",), "the MLP is SwiGLU")
+    return dict(bias=False, qkv_bias=False, rope_theta=_rope_theta(settings))
+
+
+def _mistral_entries(config: GPTConfig) -> dict:
+    _check_biases(config, "Mistral", qkv_bias=False)
+    if config.full_attention_layers:
+        raise ValueError(f"save_pretrained: Mistral has the sliding window on every layer; this model has "
+                         f"full_attention_layers={config.full_attention_layers}")
+    _refuse_features(config, "Mistral", *_GEMMA2_ONLY)
+    return dict(hidden_act="silu", **_rope_entries(config))
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _windows(settings: _Settings, window, default_types: list[str]) -> dict:
+    """sliding_window and full_attention_layers from config.json's layer_types (default_types when absent)."""
+    types = settings.get("layer_types", None) or default_types
+    if (not isinstance(types, list) or len(types) != len(default_types)
+            or not all(layer_type in _LAYER_TYPES for layer_type in types)):
+        raise CheckpointError(
+            f"{settings.path}: layer_types={types!r} is not supported (tinytf takes one of {_LAYER_TYPES} per layer, "
+            f"for {len(default_types)} layers)"
+        )
+    if window is None or "sliding_attention" not in types:
+        return dict(sliding_window=None, full_attention_layers=())
+    return dict(sliding_window=window,
+                full_attention_layers=tuple(i for i, layer_type in enumerate(types) if layer_type == "full_attention"))
+
+
+def _layer_types(config: GPTConfig) -> list[str]:
+    return [_LAYER_TYPES[config.window(layer) is not None] for layer in range(config.n_layer)]
+
+
+def _qwen2_fields(settings: _Settings) -> dict:
+    settings.refuse_unless("hidden_act", "silu", ("silu",), "the MLP is SwiGLU")
+    # As transformers' Qwen2Config: without use_sliding_window no layer has the window; layer_types, if absent,
+    # puts it on the layers from max_window_layers on.
+    window = settings.get("sliding_window", 4096) if settings.get("use_sliding_window", False) else None
+    n_layer, first = settings.get("num_hidden_layers"), settings.get("max_window_layers", 28)
+    default_types = [_LAYER_TYPES[window is not None and i >= first] for i in range(n_layer)]
+    return dict(bias=False, qkv_bias=True, rope_theta=_rope_theta(settings),
+                **_windows(settings, window, default_types))
+
+
+def _qwen2_entries(config: GPTConfig) -> dict:
+    _check_biases(config, "Qwen2", qkv_bias=True)
+    _refuse_features(config, "Qwen2", *_GEMMA2_ONLY)
+    sliding = [layer for layer in range(config.n_layer) if config.window(layer) is not None]
+    # head_dim written always: Qwen2's attention reads it without a default for null. max_window_layers, the first
+    # layer with the window, tells a reader that predates layer_types the same when the window ends the stack.
+    return dict(hidden_act="silu", head_dim=config.head_dim or config.n_embd // config.n_head,
+                use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
+                max_window_layers=sliding[0] if sliding else config.n_layer, layer_types=_layer_types(config),
+                **_rope_entries(config))
+
+
+def _gemma2_fields(settings: _Settings) -> dict:
+    settings.refuse_unless("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",),
+                           "the MLP is GeGLU with GELU's tanh approximation")
+    settings.refuse_unless("attention_bias", False, (False,), "Gemma 2's projections have no biases")
+    settings.refuse_unless("use_bidirectional_attention", None, (None, False), "attention is causal")
+    n_layer = settings.get("num_hidden_layers")
+    default_types = [_LAYER_TYPES[(i + 1) % 2] for i in range(n_layer)]  # the window on layers 0, 2, 4, ...
+    scalar, head_dim = settings.get("query_pre_attn_scalar", 256), settings.get("head_dim", 256)
+    return dict(bias=False, qkv_bias=False, rope_theta=_rope_theta(settings),
+                query_pre_attn_scalar=None if scalar == head_dim else scalar,
+                **_windows(settings, settings.get("sliding_window", 4096), default_types))
+
+
+def _gemma2_entries(config: GPTConfig) -> dict:
+    _check_biases(config, "Gemma 2", qkv_bias=False)
+    head_dim = config.head_dim or config.n_embd // config.n_head
+    # transformers builds Gemma 2's sliding-window mask even when no layer uses it, so the window is never null.
+    return dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False, head_dim=head_dim,
+                query_pre_attn_scalar=config.query_pre_attn_scalar or head_dim,
+                sliding_window=config.sliding_window or config.block_size, layer_types=_layer_types(config),
+                **_rope_entries(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +262,34 @@ class _Family:
     ignored: re.Pattern  # buffers that old checkpoints carry and loading skips
 
 
+# The settings that tell the families' decoders apart; the families without them have them off.
+_PLAIN = dict(norm_weight_offset=0.0, scale_embeddings=False, sandwich_norm=False)
+_LLAMA_ARCHITECTURE = dict(_PLAIN, norm="rmsnorm", mlp="swiglu", pos="rope")
+_LLAMA_CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", _REQUIRED), "max_position_embeddings": ("block_size", _REQUIRED),
+    "num_hidden_layers": ("n_layer", _REQUIRED), "num_attention_heads": ("n_head", _REQUIRED),
+    "num_key_value_heads": ("n_kv_head", None), "hidden_size": ("n_embd", _REQUIRED),
+    "head_dim": ("head_dim", None), "intermediate_size": ("mlp_hidden", _REQUIRED),
+    "rms_norm_eps": ("norm_eps", 1e-6), "tie_word_embeddings": ("tie_weights", False),
+}
+_LLAMA_LAYOUT = dict(
+    prefix="model.",
+    blocks="layers",
+    modules={"wte": ("embed_tokens",), "ln_f": ("norm",)},
+    block_modules={
+        "norm1": ("input_layernorm",),
+        "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn.c_proj": ("self_attn.o_proj",),
+        "norm2": ("post_attention_layernorm",),
+        "mlp.gate": ("mlp.gate_proj",), "mlp.up": ("mlp.up_proj",), "mlp.c_proj": ("mlp.down_proj",),
+    },
+    conv1d=False,
+    ignored=re.compile(r"\.rotary_emb\.inv_freq$"),  # the RoPE frequencies, recomputed from rope_theta
+)
+
 _FAMILIES = {
     "gpt2": _Family(
-        architecture=dict(norm="layernorm", mlp="gelu", pos="learned"),
+        architecture=dict(_PLAIN, norm="layernorm", mlp="gelu", pos="learned"),
         hf_class="GPT2LMHeadModel",
         config_keys={
             "vocab_size": ("vocab_size", _REQUIRED), "n_positions": ("block_size", _REQUIRED),
@@ -169,36 +310,51 @@ _FAMILIES = {
         ignored=re.compile(r"\.attn\.(masked_)?bias$"),  # the causal mask and its fill value
     ),
     "llama": _Family(
-        architecture=dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
+        architecture=_LLAMA_ARCHITECTURE,
         hf_class="LlamaForCausalLM",
-        config_keys={
-            "vocab_size": ("vocab_size", _REQUIRED), "max_position_embeddings": ("block_size", _REQUIRED),
-            "num_hidden_layers": ("n_layer", _REQUIRED), "num_attention_heads": ("n_head", _REQUIRED),
-            "num_key_value_heads": ("n_kv_head", None), "hidden_size": ("n_embd", _REQUIRED),
-            "head_dim": ("head_dim", None), "intermediate_size": ("mlp_hidden", _REQUIRED),
-            "rms_norm_eps": ("norm_eps", 1e-6), "tie_word_embeddings": ("tie_weights", False),
-        },
+        config_keys=_LLAMA_CONFIG_KEYS,
         gpt_fields=_llama_fields,
         hf_entries=_llama_entries,
-        prefix="model.",
-        blocks="layers",
-        modules={"wte": ("embed_tokens",), "ln_f": ("norm",)},
-        block_modules={
-            "norm1": ("input_layernorm",),
-            "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            "attn.c_proj": ("self_attn.o_proj",),
-            "norm2": ("post_attention_layernorm",),
-            "mlp.gate": ("mlp.gate_proj",), "mlp.up": ("mlp.up_proj",), "mlp.c_proj": ("mlp.down_proj",),
+        **_LLAMA_LAYOUT,
+    ),
+    "mistral": _Family(
+        architecture=_LLAMA_ARCHITECTURE,
+        hf_class="MistralForCausalLM",
+        config_keys={**_LLAMA_CONFIG_KEYS, "sliding_window": ("sliding_window", 4096)},
+        gpt_fields=_mistral_fields,
+        hf_entries=_mistral_entries,
+        **_LLAMA_LAYOUT,
+    ),
+    "qwen2": _Family(
+        architecture=_LLAMA_ARCHITECTURE,
+        hf_class="Qwen2ForCausalLM",
+        config_keys=_LLAMA_CONFIG_KEYS,
+        gpt_fields=_qwen2_fields,
+        hf_entries=_qwen2_entries,
+        **_LLAMA_LAYOUT,
+    ),
+    "gemma2": _Family(
+        architecture=dict(_LLAMA_ARCHITECTURE, mlp="geglu", norm_weight_offset=1.0, scale_embeddings=True,
+                          sandwich_norm=True),
+        hf_class="Gemma2ForCausalLM",
+        config_keys={
+            **_LLAMA_CONFIG_KEYS, "head_dim": ("head_dim", 256), "tie_word_embeddings": ("tie_weights", True),
+            "attn_logit_softcapping": ("attn_softcap", 50.0), "final_logit_softcapping": ("final_softcap", 30.0),
         },
-        conv1d=False,
-        ignored=re.compile(r"\.rotary_emb\.inv_freq$"),  # the RoPE frequencies, recomputed from rope_theta
+        gpt_fields=_gemma2_fields,
+        hf_entries=_gemma2_entries,
+        **dict(_LLAMA_LAYOUT, block_modules={
+            **_LLAMA_LAYOUT["block_modules"],
+            "attn_out_norm": ("post_attention_layernorm",), "norm2": ("pre_feedforward_layernorm",),
+            "mlp_out_norm": ("post_feedforward_layernorm",),
+        }),
     ),
 }
 
 
 # --- loading ----------------------------------------------------------------------------------------------------------
 def from_pretrained(path, device: str = "cpu", dtype=None) -> GPT:
-    """A GPT-2 or Llama model from a local Hugging Face folder, in eval mode, on `device`.
+    """A GPT-2, Llama, Mistral, Qwen2 or Gemma 2 model from a local Hugging Face folder, in eval mode, on `device`.
 
     dtype: the parameters' floating dtype, float32 by default (None); tinytf.bfloat16 or tinytf.float16 (or their
     names) load half-precision weights as they are stored, without widening; "auto" takes the checkpoint's own
@@ -448,10 +604,19 @@ def save_pretrained(model: GPT, path) -> Path:
 
 
 def _model_type_of(config: GPTConfig) -> str:
-    for model_type, family in _FAMILIES.items():
-        if all(getattr(config, key) == value for key, value in family.architecture.items()):
-            return model_type
-    raise ValueError(
-        f"save_pretrained writes GPT-2 (layernorm, gelu, learned positions) or Llama (rmsnorm, swiglu, rope) models; "
-        f"this one has norm={config.norm!r}, mlp={config.mlp!r}, pos={config.pos!r}"
-    )
+    matching = [model_type for model_type, family in _FAMILIES.items()
+                if all(getattr(config, key) == value for key, value in family.architecture.items())]
+    if not matching:
+        raise ValueError(
+            f"save_pretrained writes GPT-2 (layernorm, gelu, learned positions), Llama, Mistral, Qwen2 (rmsnorm, "
+            f"swiglu, rope) or Gemma 2 (rmsnorm with weight offset 1, geglu, rope, scaled embeddings, sandwich norms) "
+            f"models; this one has norm={config.norm!r}, mlp={config.mlp!r}, pos={config.pos!r}, "
+            f"norm_weight_offset={config.norm_weight_offset}, scale_embeddings={config.scale_embeddings}, "
+            f"sandwich_norm={config.sandwich_norm}"
+        )
+    # Llama, Mistral and Qwen2 share one architecture: the attention tells them apart.
+    if matching[0] == "llama" and config.qkv_bias and not config.bias:
+        return "qwen2"
+    if matching[0] == "llama" and config.sliding_window is not None:
+        return "mistral"
+    return matching[0]

@@ -1,4 +1,4 @@
-"""Models: the GPT-2 / Llama-style decoder, its configuration, generation and sampling.
+"""Models: the decoder of GPT-2, Llama, Mistral, Qwen2 and Gemma 2, its configuration, generation and sampling.
 
 Hugging Face folders in and out live a layer above, in tinytf.interop.
 """

@@ -6,11 +6,11 @@ from .attention import KVCache, MultiHeadAttention
 from .block import DecoderBlock
 from .conv import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv1d, Conv2d, ConvTranspose2d, GroupNorm,
                    MaxPool2d)
-from .layers import Dropout, Embedding, GELUMLP, LayerNorm, Linear, RMSNorm, SwiGLUMLP
+from .layers import Dropout, Embedding, GatedMLP, GELUMLP, LayerNorm, Linear, RMSNorm
 from .module import Module, ModuleList, Parameter, init_skipped, skip_init
 
 __all__ = [
     "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv1d", "Conv2d", "ConvTranspose2d", "DecoderBlock", "Dropout",
-    "Embedding", "GELUMLP", "GroupNorm", "KVCache", "LayerNorm", "Linear", "MaxPool2d", "Module", "ModuleList",
-    "MultiHeadAttention", "Parameter", "RMSNorm", "SwiGLUMLP", "init_skipped", "skip_init",
+    "Embedding", "GatedMLP", "GELUMLP", "GroupNorm", "KVCache", "LayerNorm", "Linear", "MaxPool2d", "Module",
+    "ModuleList", "MultiHeadAttention", "Parameter", "RMSNorm", "init_skipped", "skip_init",
 ]

@@ -1,5 +1,5 @@
-"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, the two transformer MLPs (GELU and SwiGLU), and the
-weights laid out for decoding (DecodeLayouts)."""
+"""Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, the two transformer MLPs (GELU and gated: SwiGLU, GeGLU),
+and the weights laid out for decoding (DecodeLayouts)."""
 
 from __future__ import annotations
 
@@ -115,20 +115,29 @@ class LayerNorm(Module):
 
 
 class RMSNorm(Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """x / rms(x) * (weight_offset + weight). Llama's weight_offset is 0; Gemma's is 1, its weights stored as the
+    difference from 1 (they start at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight_offset: float = 0.0):
         super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = Parameter(np.ones(dim, dtype=np.float32))
+        self.dim, self.eps, self.weight_offset = dim, eps, weight_offset
+        self.weight = Parameter(np.full(dim, 1 - weight_offset, dtype=np.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.dim, self.weight, self.eps)
+        weight = self.weight
+        if self.weight_offset:  # added in float32 at least, as Gemma does: 1 + w in bfloat16 would round w away
+            weight = F.cast(weight, backend.compute_dtype(weight.dtype)) + self.weight_offset
+        return F.rms_norm(x, self.dim, weight, self.eps)
 
     def decode(self, x):
         """forward in inference on a few rows of raw arrays (decoding), as LayerNorm.decode."""
-        return rms_norm_study_forward(x, self.weight.data, self.eps)[0]
+        weight = self.weight.data
+        if self.weight_offset:
+            weight = weight.astype(backend.compute_dtype(weight.dtype)) + self.weight_offset
+        return rms_norm_study_forward(x, weight, self.eps)[0]
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
+        return f"{self.dim}, eps={self.eps}" + (f", weight_offset={self.weight_offset}" if self.weight_offset else "")
 
 
 class Dropout(Module):
@@ -165,21 +174,36 @@ class GELUMLP(Module):
         return layouts.linear(hidden, self.c_proj)
 
 
-class SwiGLUMLP(Module):
-    """Llama's feed-forward block: down(silu(gate(x)) * up(x))."""
+GATE_ACTIVATIONS = ("silu", "gelu_tanh")
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+
+class GatedMLP(Module):
+    """The gated feed-forward block: down(act(gate(x)) * up(x)). activation "silu" is Llama's SwiGLU (one fused op),
+    "gelu_tanh" Gemma's GeGLU (GELU's tanh form)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0, activation: str = "silu"):
         super().__init__()
+        if activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"GatedMLP: activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         self.gate = Linear(dim, hidden, bias)
         self.up = Linear(dim, hidden, bias)
         self.c_proj = Linear(hidden, dim, bias)
         self.dropout = Dropout(dropout)
 
+    def _gated(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.activation == "silu":
+            return F.swiglu(gate, up)  # one fused op
+        return F.gelu(gate, approximate="tanh") * up
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.swiglu(self.gate(x), self.up(x))))
+        return self.dropout(self.c_proj(self._gated(self.gate(x), self.up(x))))
 
     def decode(self, x, layouts: DecodeLayouts):
         """forward in inference on raw arrays (no graph, no dropout): x (N, C) -> (N, C); gate and up in one GEMM."""
         gate_up = layouts.linear(x, self.gate, self.up)  # (N, 2 * hidden)
         hidden = self.gate.out_features
-        return layouts.linear(F.swiglu(Tensor(gate_up[:, :hidden]), Tensor(gate_up[:, hidden:])).data, self.c_proj)
+        return layouts.linear(self._gated(Tensor(gate_up[:, :hidden]), Tensor(gate_up[:, hidden:])).data, self.c_proj)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
