@@ -51,7 +51,7 @@ ALLOWED_CALLS = {
     ("models/gpt.py", "asarray"): "generation keeps the token ids on the host",
     **{("models/gpt.py", name): "generation keeps the token ids on the host, ragged prompts' layout too"
        for name in ("concatenate", "maximum", "arange", "cumsum", "stack", "zeros")},
-    **{("nn/attention.py", name): "KVCache.store_sequences: the rows, indices and start bias of packed prompts, "
+    **{("nn/kv_cache.py", name): "KVCache.store_sequences: the rows, indices and start bias of packed prompts, "
        "from cu_seqlens on the host, moved to the cache's device once" for name in ("diff", "repeat", "arange", "where")},
     ("attention/naive.py", "sqrt"): "of the head dim, a Python int",
     ("attention/__init__.py", "asarray"): "alibi_slopes given as Python data, moved to the device right after",

@@ -2,10 +2,11 @@
 and attention."""
 
 from . import functional
-from .attention import KVCache, MultiHeadAttention
+from .attention import MultiHeadAttention
 from .block import DecoderBlock
 from .conv import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv1d, Conv2d, ConvTranspose2d, GroupNorm,
                    MaxPool2d)
+from .kv_cache import KVCache
 from .layers import Dropout, Embedding, GatedMLP, GELUMLP, LayerNorm, Linear, RMSNorm
 from .module import Module, ModuleList, Parameter, init_skipped, skip_init
 

@@ -7,7 +7,7 @@ x = x + attn_out_norm(attn(norm1(x))); x = x + mlp_out_norm(mlp(norm2(x))).
 from __future__ import annotations
 
 from ..tensor import Tensor
-from .attention import KVCache
+from .kv_cache import KVCache
 from .layers import DecodeLayouts
 from .module import Module
 
