@@ -502,7 +502,7 @@ def model_inputs(inputs: np.ndarray, targets: np.ndarray, device: str, eot_id: i
     return backend.to_device(inputs, device), backend.to_device(targets, device), positions
 
 
-def document_end(run) -> int | None:
+def document_end(run: Run) -> int | None:
     """The token that ends documents, where --document-masking keeps attention inside them; else None."""
     return run.tokenizer.eot_id if run.args.document_masking else None
 
