@@ -36,6 +36,7 @@ HOST_SIDE_MODULES = {
     "nn/layers.py": "makes parameters on the host (Module.to moves them); forward passes use tinytf.functional",
     "nn/conv.py": "makes parameters and buffers on the host (Module.to moves them); forward passes use the ops",
     "models/sampling.py": "samples from a host copy of the last position's logits",
+    "models/beam.py": "scores the beams on a host copy of each step's logits (B * num_beams, vocab)",
     "kernels/emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
     "attention/varlen.py": "cu_seqlens and position ids are read on the host: they set the loop over the sequences",
 }

@@ -1,9 +1,13 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinytf
+import tinytf.attention
 from tinytf import nn
 from tinytf.nn.layers import DecodeLayouts
+from tinytf.testing import gradcheck
 
 
 def _reference_attention(x, attention, window=None, softcap=None, scale=None):
@@ -179,3 +183,136 @@ def test_decoding_rows_of_different_lengths_equals_each_row_alone(device, rope, 
         np.testing.assert_allclose(prefill[first : first + length], alone[:length], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.stack([step[row] for step in decoded]), alone[length:], rtol=1e-5, atol=1e-6)
         first += length
+
+
+def numpy_linear(x, linear):
+    """x W^T + b in NumPy (a reference for test_block and test_heads too)."""
+    out = x @ linear.weight.numpy().T.astype(x.dtype)
+    return out if linear.bias is None else out + linear.bias.numpy()
+
+
+def numpy_attention(q, k, v, visible, attention):
+    """softmax(q k^T * scale, hidden keys -inf) v with q (B, T, H*D), k and v (B, S, Hkv*D), visible (B, T, S) bool;
+    through the output projection -> (B, T, C)."""
+    H, Hkv, D = attention.n_head, attention.n_kv_head, attention.head_dim
+    B, T, S = visible.shape
+    q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    k = np.repeat(k.reshape(B, S, Hkv, D).transpose(0, 2, 1, 3), H // Hkv, axis=1)
+    v = np.repeat(v.reshape(B, S, Hkv, D).transpose(0, 2, 1, 3), H // Hkv, axis=1)
+    scores = np.where(visible[:, None], q @ k.transpose(0, 1, 3, 2) / np.sqrt(D), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return numpy_linear((probs @ v).transpose(0, 2, 1, 3).reshape(B, T, H * D), attention.c_proj)
+
+
+def numpy_bidirectional_attention(x, attention, mask):
+    """Self-attention of x (B, T, C) over every key where mask (B, T) is True, earlier or later."""
+    H, Hkv, D = attention.n_head, attention.n_kv_head, attention.head_dim
+    q, k, v = np.split(numpy_linear(x, attention.c_attn), [H * D, (H + Hkv) * D], axis=-1)
+    return numpy_attention(q, k, v, np.broadcast_to(mask[:, None], mask.shape[:1] + mask.shape[1:] * 2), attention)
+
+
+def padding_mask(lengths, S):
+    """(B, S) bool: True on each row's first lengths[b] positions, its tokens."""
+    return np.arange(S)[None, :] < np.asarray(lengths)[:, None]  # (B, S), True = a token
+
+
+@pytest.mark.parametrize("flash_threshold", [tinytf.attention.AUTO_FLASH_MIN_SCORES, 0])
+def test_bidirectional_attention_with_padding_matches_numpy_reference(device, flash_threshold, monkeypatch):
+    """causal=False: every query sees every key that is a token, later ones too; on the naive and flash paths."""
+    monkeypatch.setattr(tinytf.attention, "AUTO_FLASH_MIN_SCORES", flash_threshold)
+    tinytf.manual_seed(0)
+    attention = nn.MultiHeadAttention(16, 4, 2, causal=False)
+    x = np.random.default_rng(0).standard_normal((3, 7, 16)).astype(np.float32)
+    mask = padding_mask([7, 3, 5], 7)
+    out = attention.to(device)(tinytf.tensor(x).to(device), key_padding_mask=mask).numpy()
+    np.testing.assert_allclose(out, numpy_bidirectional_attention(x, attention, mask), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cross_attention_with_a_padded_source_matches_numpy_reference(device, n_kv_head):
+    tinytf.manual_seed(0)
+    attention = nn.MultiHeadAttention(16, 4, n_kv_head, cross=True, context_dim=12)
+    rng = np.random.default_rng(0)
+    x, context = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 5, 16), (2, 6, 12)))
+    mask = padding_mask([6, 2], 6)
+    out = attention.to(device)(tinytf.tensor(x).to(device), key_padding_mask=mask,
+                               context=tinytf.tensor(context).to(device)).numpy()
+    q = numpy_linear(x, attention.q_proj)
+    k, v = np.split(numpy_linear(context, attention.kv_proj), 2, axis=-1)
+    expected = numpy_attention(q, k, v, np.broadcast_to(mask[:, None], (2, 5, 6)), attention)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert attention.q_proj.weight.shape == (16, 16) and attention.kv_proj.weight.shape == (2 * n_kv_head * 4, 12)
+
+
+def test_encoder_self_attention_with_padding_passes_gradcheck(device):
+    attention = nn.MultiHeadAttention(8, 2, causal=False).double().to(device)
+    x = tinytf.randn(2, 5, 8, dtype=np.float64, requires_grad=True).to(device)
+    mask = padding_mask([5, 3], 5)
+    assert gradcheck(lambda x: attention(x, key_padding_mask=mask), x)
+
+
+def test_cross_attention_with_a_padded_source_passes_gradcheck(device):
+    attention = nn.MultiHeadAttention(8, 2, 1, cross=True, context_dim=6).double().to(device)
+    x = tinytf.randn(2, 3, 8, dtype=np.float64, requires_grad=True).to(device)
+    context = tinytf.randn(2, 4, 6, dtype=np.float64, requires_grad=True).to(device)
+    mask = padding_mask([4, 2], 4)
+    assert gradcheck(lambda x, context: attention(x, key_padding_mask=mask, context=context), x, context)
+
+
+def test_cross_attention_with_cached_keys_and_values_equals_recomputing_them(device):
+    """The ContextKV of a source, computed once, gives forward's outputs token by token, and decode's on arrays."""
+    tinytf.manual_seed(0)
+    attention = nn.MultiHeadAttention(16, 4, 2, cross=True).to(device)
+    x, context = tinytf.randn(2, 4, 16).to(device), tinytf.randn(2, 5, 16).to(device)
+    mask = padding_mask([5, 3], 5)
+    full = attention(x, key_padding_mask=mask, context=context).numpy()
+    with tinytf.no_grad():
+        cached = attention.context_keys_values(context, mask)
+    stepped = np.concatenate([attention(x[:, t : t + 1], context=cached).numpy() for t in range(4)], axis=1)
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-6)
+    layouts = DecodeLayouts()
+    with tinytf.backend.device_scope(x.device):
+        decoded = [tinytf.Tensor(attention.decode(x.data[:, t], cached, layouts)) for t in range(4)]
+    np.testing.assert_allclose(np.stack([step.numpy() for step in decoded], axis=1), full, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15)
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_padding_a_source_never_changes_cross_attention(lengths, seed):
+    """Each target row's output over its padded source equals its output over the source alone, whatever fills the
+    padding."""
+    tinytf.manual_seed(seed)
+    attention = nn.MultiHeadAttention(8, 2, cross=True)
+    rng = np.random.default_rng(seed)
+    S = max(lengths)
+    x = rng.standard_normal((len(lengths), 3, 8)).astype(np.float32)
+    context = rng.standard_normal((len(lengths), S, 8)).astype(np.float32) * 10
+    out = attention(tinytf.tensor(x), key_padding_mask=padding_mask(lengths, S), context=tinytf.tensor(context))
+    for row, length in enumerate(lengths):
+        alone = attention(tinytf.tensor(x[row : row + 1]), context=tinytf.tensor(context[row : row + 1, :length]))
+        np.testing.assert_allclose(out.numpy()[row], alone.numpy()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cross_attention_and_padding_errors():
+    with pytest.raises(ValueError, match="cross-attention takes neither rope nor a window"):
+        nn.MultiHeadAttention(8, 2, cross=True, rope=True)
+    with pytest.raises(ValueError, match="context_dim is the size of cross-attention's context"):
+        nn.MultiHeadAttention(8, 2, context_dim=4)
+    self_attention, cross_attention = nn.MultiHeadAttention(8, 2), nn.MultiHeadAttention(8, 2, cross=True)
+    x = tinytf.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="takes a context, self-attention none; this layer has cross=False"):
+        self_attention(x, context=x)
+    with pytest.raises(ValueError, match="takes a context, self-attention none; this layer has cross=True"):
+        cross_attention(x)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be bool of shape \(B, S\) = \(2, 3\), got bool of "
+                                         r"shape \(2, 4\)"):
+        self_attention(x, key_padding_mask=np.ones((2, 4), dtype=bool))
+    with pytest.raises(ValueError, match="got float64"):
+        self_attention(x, key_padding_mask=np.ones((2, 3)))
+    with pytest.raises(ValueError, match="position_ids .* are for self-attention without a key_padding_mask"):
+        self_attention(x, position_ids=np.zeros((2, 3), dtype=int), key_padding_mask=np.ones((2, 3), dtype=bool))
+    with pytest.raises(ValueError, match="a ContextKV carries its source's key_padding_mask"):
+        cross_attention(x, key_padding_mask=np.ones((2, 3), dtype=bool), context=cross_attention.context_keys_values(x))
+    with pytest.raises(ValueError, match="keeps its keys and values in a ContextKV"):
+        cross_attention(x, nn.KVCache(2, 2, 4, 4, np.float32), context=x)

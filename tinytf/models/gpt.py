@@ -34,6 +34,7 @@ from ..nn import (
 )
 from ..nn.layers import DecodeLayouts
 from ..tensor import Tensor, no_grad
+from .beam import beam_search
 from .sampling import sample_next_token
 
 _CHOICES = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "geglu"),
@@ -333,9 +334,19 @@ class GPT(Module):
             return softcapped(logits, self.config.final_softcap, backend.get_array_module(logits))
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, use_cache: bool = True, rng=None) -> Tensor | list[np.ndarray]:
+                 top_p: float | None = None, use_cache: bool = True, rng=None, num_beams: int | None = None,
+                 length_penalty: float = 1.0, early_stopping: bool | str = False, eos_token_id: int | None = None,
+                 num_return_sequences: int = 1) -> Tensor | list[np.ndarray]:
         """The context (B, T) followed by `max_new_tokens` sampled tokens: (B, T + max_new_tokens) int64 on the
-        model's device. Of a list of prompts (stream), a list of 1-D int64 arrays: each prompt and its new tokens."""
+        model's device. Of a list of prompts (stream), a list of 1-D int64 arrays: each prompt and its new tokens.
+
+        num_beams (an int) chooses beam search instead of sampling, with the remaining settings: see beam_search."""
+        if num_beams is not None:
+            return self.beam_search(idx, max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
+                                    num_return_sequences, use_cache)
+        if eos_token_id is not None or num_return_sequences != 1:
+            raise ValueError("generate: eos_token_id and num_return_sequences are beam search's settings; "
+                             "pass num_beams")
         if isinstance(idx, (list, tuple)):
             new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, rng))
             rows = np.stack(new, axis=1) if new else np.zeros((len(idx), 0), dtype=np.int64)
@@ -344,6 +355,56 @@ class GPT(Module):
         new = list(self.stream(context, max_new_tokens, temperature, top_k, top_p, use_cache, rng))
         columns = [context] + [ids[:, None] for ids in new]
         return Tensor(self._on_device(np.concatenate(columns, axis=1)))
+
+    @no_grad()
+    def beam_search(self, idx, max_new_tokens: int, num_beams: int, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False, eos_token_id: int | None = None,
+                    num_return_sequences: int = 1, use_cache: bool = True) -> Tensor | list[np.ndarray]:
+        """Beam search as transformers' generate(num_beams=..., do_sample=False) runs it (models.beam): the best
+        `num_return_sequences` continuations of each prompt, prompt after prompt, best first.
+
+        idx as for generate. Of an array (B, T): (B * num_return_sequences, T + L) int64 on the model's device, L
+        the longest continuation returned, the shorter ones (they ended with eos_token_id) padded with
+        eos_token_id. Of a list of prompts: a list of 1-D int64 arrays, each prompt and its continuation. The KV
+        caches are expanded to B * num_beams rows after the (ragged) prefill and reordered by beam each step.
+        Prompt and continuation must fit in block_size (no sliding window).
+        """
+        context, starts = _right_aligned(idx)
+        is_list = isinstance(idx, (list, tuple))
+        prompts = [_prompt_ids(prompt) for prompt in idx] if is_list else list(context)
+        if context.shape[1] + max_new_tokens > self.config.block_size:
+            raise ValueError(f"beam search: the longest prompt ({context.shape[1]} tokens) and max_new_tokens "
+                             f"({max_new_tokens}) must fit in block_size {self.config.block_size}")
+        was_training = self.training
+        self.eval()
+        caches = self.make_kv_caches(context.shape[0]) if use_cache else None
+        layouts = DecodeLayouts()
+
+        def reorder(rows):
+            nonlocal context, starts
+            context, starts = context[rows], (None if starts is None else starts[rows])
+            for cache in caches or ():
+                cache.reorder(rows)
+
+        def advance(ids):
+            nonlocal context
+            context = np.concatenate([context, ids[:, None]], axis=1)
+            return self.decode_step(ids, caches, layouts) if use_cache else self._last_logits(context, starts)
+
+        try:
+            continuations, _ = beam_search(self._last_logits(context, starts, caches), advance, reorder,
+                                           max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
+                                           num_return_sequences)
+        finally:
+            self.train(was_training)
+        prompts = [prompt for prompt in prompts for _ in range(num_return_sequences)]
+        if is_list:
+            return [np.concatenate([prompt, new]) for prompt, new in zip(prompts, continuations)]
+        longest = max(len(new) for new in continuations)
+        padded = np.zeros((len(continuations), longest), dtype=np.int64) + (eos_token_id or 0)  # only eos ends early
+        for row, new in zip(padded, continuations):
+            row[: len(new)] = new
+        return Tensor(self._on_device(np.concatenate([np.stack(prompts), padded], axis=1)))
 
     def _on_device(self, ids: np.ndarray):
         device = self.wte.weight.device

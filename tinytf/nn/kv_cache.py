@@ -58,6 +58,21 @@ class KVCache:
         self.length = start + new
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
+    def reorder(self, rows) -> None:
+        """Make row i of the cache a copy of row rows[i], for rows (N,) integers, N any size: beam search expands
+        each prompt's row to its beams after the prefill and, each step, gives every beam the cache of the beam it
+        continues. Each row keeps its start; the positions from `length` on are left to be written."""
+        rows = backend.to_device(backend.to_numpy(rows).astype(np.int64, copy=False), self.device)
+        xp = backend.get_array_module(self.keys)
+        with backend.device_scope(self.device):
+            for name in ("keys", "values"):
+                cached = getattr(self, name)
+                reordered = xp.empty((len(rows),) + cached.shape[1:], dtype=cached.dtype)
+                reordered[:, :, : self.length] = cached[rows, :, : self.length]
+                setattr(self, name, reordered)
+            if self.starts is not None:
+                self.starts, self._start_bias = self.starts[rows], self._start_bias[rows]
+
     def store_sequences(self, keys, values, cu_seqlens) -> None:
         """Fill an empty cache with N sequences packed as rows of keys/values (total, Hkv, D), cu_seqlens (N + 1,)
         as varlen attention takes them: sequence n goes to row n, right-aligned, so that every sequence's last key
