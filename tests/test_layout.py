@@ -29,7 +29,7 @@ LAYERS = [
     ["tinytf.optim", "tinytf.tokenization", "tinytf.data", "tinytf.checkpoint"],
     ["tinytf.interop", "tinytf.distributed"],
     ["tinytf.cli"],
-    ["tinytf.train", "tinytf.sample", "tinytf.gpu_check"],
+    ["tinytf.train", "tinytf.sample", "tinytf.seq2seq", "tinytf.gpu_check"],
 ]
 
 

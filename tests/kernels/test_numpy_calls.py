@@ -33,6 +33,8 @@ HOST_SIDE_MODULES = {
     "train.py": "command line: loss bookkeeping and seeds on the host",
     "checkpoint.py": "safetensors files hold host arrays",
     "interop/hf.py": "reads and writes checkpoint files, host arrays",
+    "interop/bert_bart.py": "reads and writes checkpoint files, host arrays",
+    "seq2seq.py": "command line: the generated dates and their token ids, on the host",
     "nn/layers.py": "makes parameters on the host (Module.to moves them); forward passes use tinytf.functional",
     "nn/conv.py": "makes parameters and buffers on the host (Module.to moves them); forward passes use the ops",
     "models/sampling.py": "samples from a host copy of the last position's logits",
@@ -55,6 +57,12 @@ ALLOWED_CALLS = {
     **{("nn/kv_cache.py", name): "KVCache.store_sequences: the rows, indices and start bias of packed prompts, "
        "from cu_seqlens on the host, moved to the cache's device once" for name in ("diff", "repeat", "arange", "where")},
     ("attention/naive.py", "sqrt"): "of the head dim, a Python int",
+    ("models/encoder.py", "zeros_like"): "initialization, on the host where the model is built",
+    ("models/encoder.py", "zeros"): "default token types, built on the host and moved by checked_ids",
+    ("models/encoder.py", "asarray"): "ids given as Python lists, moved to the device right after",
+    ("models/encoder_decoder.py", "zeros"): "the final_logits_bias buffer at construction, and generation's host ids",
+    **{("models/encoder_decoder.py", name): "generation keeps the token ids and the finished flags on the host"
+       for name in ("asarray", "full", "where", "stack", "argmax", "concatenate")},
     ("attention/__init__.py", "asarray"): "alibi_slopes given as Python data, moved to the device right after",
     **{("attention/cuda.py", name): "the packed layout's sequence bookkeeping, from cu_seqlens on the host; the "
        "index arrays go to the device once" for name in ("diff", "repeat", "arange")},

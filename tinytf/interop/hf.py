@@ -377,7 +377,8 @@ def from_pretrained(path, device: str = "cpu", dtype=None) -> GPT:
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
     if model_type not in _FAMILIES:
         raise CheckpointError(
-            f"{folder / CONFIG_FILE}: model_type={model_type!r} is not supported; tinytf loads {', '.join(_FAMILIES)}"
+            f"{folder / CONFIG_FILE}: model_type={model_type!r} is not supported; tinytf loads "
+            f"{', '.join(_FAMILIES)}, bert and bart"
         )
     family = _FAMILIES[model_type]
     settings = _Settings(hf_config, folder / CONFIG_FILE)
@@ -493,16 +494,7 @@ def _to_tinytf(tensors: dict[str, np.ndarray], model: GPT, family: _Family, fold
     ignored = {name for name in tensors if family.ignored.search(name)}
     if model.config.tie_weights:
         ignored.add("lm_head.weight")  # some checkpoints store the tied head too; transformers ignores it as well
-    missing = [name for name in expected if name not in tensors]
-    unexpected = [name for name in tensors if name not in expected and name not in ignored]
-    misshaped = [f"{name}: checkpoint {tensors[name].shape}, model {shape}"
-                 for name, shape in expected.items() if name in tensors and tensors[name].shape != shape]
-    problems = [f"{title}: {', '.join(names)}" for title, names in
-                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped))
-                if names]
-    if problems:
-        raise CheckpointError(f"{folder}: the weights do not fit the model its {CONFIG_FILE} describes: "
-                              + " | ".join(problems))
+    check_weights_fit(folder, tensors, expected, lambda name: name in ignored)
 
     state = {}
     for link in links:
@@ -512,6 +504,21 @@ def _to_tinytf(tensors: dict[str, np.ndarray], model: GPT, family: _Family, fold
     if model.config.tie_weights:
         state["lm_head.weight"] = state["wte.weight"]
     return state
+
+
+def check_weights_fit(folder: Path, tensors: dict, expected: dict, is_ignored) -> None:
+    """A CheckpointError listing, together, the tensors missing from `tensors`, the unexpected ones (those
+    `is_ignored(name)` does not skip) and the mis-shaped ones, against `expected` ({name: shape})."""
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected and not is_ignored(name)]
+    misshaped = [f"{name}: checkpoint {tensors[name].shape}, model {shape}"
+                 for name, shape in expected.items() if name in tensors and tensors[name].shape != shape]
+    problems = [f"{title}: {', '.join(names)}" for title, names in
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("mis-shaped tensors", misshaped))
+                if names]
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not fit the model its {CONFIG_FILE} describes: "
+                              + " | ".join(problems))
 
 
 def _transposed(array: np.ndarray, band: int = 64) -> np.ndarray:
@@ -585,11 +592,16 @@ def save_pretrained(model: GPT, path) -> Path:
         boundaries = np.cumsum([shape[0] for shape in link.theirs.values()])[:-1]
         for name, part in zip(link.theirs, np.split(array, boundaries)):
             tensors[name] = np.ascontiguousarray(part)  # safetensors writes the raw buffer
-    folder = Path(path)
+    return write_folder(Path(path), tensors, hf_config)
+
+
+def write_folder(folder: Path, tensors: dict[str, np.ndarray], hf_config: dict) -> Path:
+    """config.json and model.safetensors written into `folder` (created if missing) as one change.
+
+    Both files are written into a staging folder beside `folder` and moved in together, so that a crash never pairs
+    the new weights with the old config. Other files in `folder` (a tokenizer, a README) stay."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_pretrained: {folder} is a file; pass a folder (it is created if missing)")
-    # Both files are written into a staging folder beside `folder` and moved in together, so that a crash never
-    # pairs the new weights with the old config. Other files in `folder` (a tokenizer, a README) stay.
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(folder)
     try:

@@ -157,20 +157,22 @@ class Dropout(Module):
 
 
 class GELUMLP(Module):
-    """GPT-2's feed-forward block: Linear(C, hidden) -> GELU (tanh form, as GPT-2) -> Linear(hidden, C)."""
+    """The transformer feed-forward block: Linear(C, hidden) -> GELU -> Linear(hidden, C). approximate: "tanh",
+    GPT-2's form, or "none", the exact erf form (BERT, BART)."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, bias: bool = True, dropout: float = 0.0, approximate: str = "tanh"):
         super().__init__()
+        self.approximate = approximate
         self.c_fc = Linear(dim, hidden, bias)
         self.c_proj = Linear(hidden, dim, bias)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
     def decode(self, x, layouts: DecodeLayouts):
         """forward in inference on raw arrays (no graph, no dropout): x (N, C) -> (N, C)."""
-        hidden = F.gelu(Tensor(layouts.linear(x, self.c_fc)), approximate="tanh").data
+        hidden = F.gelu(Tensor(layouts.linear(x, self.c_fc)), approximate=self.approximate).data
         return layouts.linear(hidden, self.c_proj)
 
 
