@@ -154,7 +154,8 @@ def exact_match(model: EncoderDecoder, sources, targets, batch_size: int = 500) 
     correct = 0
     for start in range(0, len(sources), batch_size):
         outputs = model.generate(sources[start : start + batch_size], max_new_tokens=MAX_TARGET, temperature=0)
-        correct += sum(decode(out) == decode(target) for out, target in zip(outputs, targets[start : start + batch_size]))
+        expected = targets[start : start + batch_size]
+        correct += sum(decode(out) == decode(target) for out, target in zip(outputs, expected))
     model.train()
     return correct / len(sources)
 
@@ -162,7 +163,7 @@ def exact_match(model: EncoderDecoder, sources, targets, batch_size: int = 500) 
 def train(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {out} is not empty; pass --overwrite to replace what it holds")
+        raise UserError(f"--out {out} is not empty; pass --overwrite to write the checkpoint there anyway")
     backend.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     held_out = batch(np.random.default_rng(args.seed + 1), args.eval_size, held_out=True)
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     training = commands.add_parser("train", help="train on generated dates and report the held-out exact match")
     training.add_argument("--out", default="runs/dates", help="folder for the checkpoint")
-    training.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    training.add_argument("--overwrite", action="store_true", help="write the checkpoint into a non-empty --out")
     training.add_argument("--iters", type=int, default=1000, help="training steps")
     training.add_argument("--batch-size", type=int, default=64, help="dates per step")
     training.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
