@@ -98,6 +98,7 @@ def test_overwrite_removes_only_the_report_files(tmp_path):
     (["--reps", "0"], "--reps must be at least 1"),
     (["--train-iters", "0"], "--train-iters must be at least 1"),
     (["--time-limit", "0"], "--time-limit must be positive"),
+    (["--test-workers", "-1"], "--test-workers must be 0 or more, got -1"),
     (["--data", "no/such/file.txt"], "--data no/such/file.txt: no such file"),
 ])
 def test_bad_arguments_are_user_errors(argv, message):
@@ -130,6 +131,18 @@ def test_the_pytest_command_selects_the_gpu_tests_or_everything(tmp_path):
     assert gpu[gpu.index("-k") + 1] == "(cuda or gpu) and not emulator"
     assert f"--junitxml={tmp_path / 'j.xml'}" in gpu and gpu[-1] == str(REPOSITORY / "tests")
     assert "-k" not in gpu_check.pytest_command(REPOSITORY / "tests", tmp_path / "j.xml", "all")
+    assert "-n" not in gpu
+
+
+def test_test_workers_go_to_xdist_and_need_it(tmp_path, monkeypatch):
+    command = gpu_check.pytest_command(REPOSITORY / "tests", tmp_path / "j.xml", "gpu", workers=8)
+    assert command[command.index("-n") + 1] == "8" and command[-1] == str(REPOSITORY / "tests")
+    real_find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name: None if name == "xdist" else real_find_spec(name))
+    gpu_check.check_test_tools(0)
+    with pytest.raises(UserError, match="--test-workers 8 needs pytest-xdist"):
+        gpu_check.check_test_tools(8)
 
 
 def test_children_run_with_the_stand_in_off_and_this_tinytf_first_on_the_path(monkeypatch):

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     tests.add_argument("--tests", choices=("gpu", "all"), default="gpu",
                        help=f"gpu: -k '{GPU_TEST_KEYWORDS}'; all: the whole suite")
     tests.add_argument("--test-timeout", type=float, default=TEST_TIMEOUT_S, help="seconds for the pytest run")
+    tests.add_argument("--test-workers", type=int, default=0,
+                       help="pytest processes through pytest-xdist (-n); 0: one process, without xdist")
     training = parser.add_argument_group("training")
     training.add_argument("--skip-training", action="store_true", help="leave the training runs out")
     training.add_argument("--data", type=Path, help="text file to train on; None: tinytf.train's offline text")
@@ -138,6 +140,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("train_iters", "reps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.test_workers < 0:
+        raise UserError(f"--test-workers must be 0 or more, got {args.test_workers}")
     for name in ("time_limit", "test_timeout", "train_timeout", "bench_budget"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -212,11 +216,14 @@ def find_source_tree(package_root: Path = PACKAGE_ROOT) -> Path | None:
     return None
 
 
-def check_test_tools() -> None:
+def check_test_tools(workers: int = 0) -> None:
     missing = [name for name in ("pytest", "hypothesis") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"the tests need {' and '.join(missing)}: pip install pytest hypothesis (or the dev extra, "
                         "pip install -e '.[dev]'), or pass --skip-tests")
+    if workers and importlib.util.find_spec("xdist") is None:
+        raise UserError(f"--test-workers {workers} needs pytest-xdist: pip install pytest-xdist, or pass "
+                        "--test-workers 0")
 
 
 # --- the report: one dict, saved whole after each step ----------------------------------------------------------------
@@ -404,17 +411,19 @@ def summarize_junit(xml_text: str, max_listed: int = 20, message_lines: int = 3)
             "skip_reasons": dict(skip_reasons.most_common(10))}
 
 
-def pytest_command(tests_folder: Path, junit_path: Path, selection: str) -> list[str]:
+def pytest_command(tests_folder: Path, junit_path: Path, selection: str, workers: int = 0) -> list[str]:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit_path}",
                "--durations=15"]
     if selection == "gpu":
         command += ["-k", GPU_TEST_KEYWORDS]
+    if workers:
+        command += ["-n", str(workers)]
     return command + [str(tests_folder)]
 
 
-def run_tests(source_tree: Path, out: Path, selection: str, timeout_s: float) -> dict:
+def run_tests(source_tree: Path, out: Path, selection: str, timeout_s: float, workers: int = 0) -> dict:
     junit_path = out / JUNIT_XML
-    command = pytest_command(source_tree / "tests", junit_path, selection)
+    command = pytest_command(source_tree / "tests", junit_path, selection, workers)
     run = run_bounded(command, timeout_s, child_environment({"HYPOTHESIS_PROFILE": "ci"}), source_tree,
                       out / PYTEST_LOG)
     result = {"command": shlex.join(command), "selection": selection, "exit_status": run.exit_status,
@@ -930,7 +939,7 @@ def gpu_check(args: argparse.Namespace, command_text: str) -> int:
     cupy = find_gpu()
     source_tree = find_source_tree()
     if not args.skip_tests and source_tree is not None:
-        check_test_tools()
+        check_test_tools(args.test_workers)
     args.out = args.out.resolve()  # the subprocesses run in other folders
     prepare_output_folder(args.out)  # the first write: every check that can refuse has passed
     budget = TimeBudget(args.time_limit)
@@ -951,7 +960,8 @@ def gpu_check(args: argparse.Namespace, command_text: str) -> int:
         timeout_s = budget.share(args.test_timeout, promised_training + promised_attention)
         if timeout_s > 0:
             say(f"tests: pytest on {source_tree / 'tests'}, up to {timeout_s:.0f} s")
-            report["tests"] = guarded(run_tests, source_tree, args.out, args.tests, timeout_s)
+            report["tests"] = guarded(run_tests, source_tree, args.out, args.tests, timeout_s,
+                                      args.test_workers)
         else:
             report["tests"] = skipped_by_budget("the tests")
     save_report(args.out, report)
