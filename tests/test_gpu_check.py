@@ -128,7 +128,7 @@ def test_the_source_tree_is_found_beside_the_package_and_not_elsewhere(tmp_path)
 # --- subprocesses -----------------------------------------------------------------------------------------------------
 def test_the_pytest_command_selects_the_gpu_tests_or_everything(tmp_path):
     gpu = gpu_check.pytest_command(REPOSITORY / "tests", tmp_path / "j.xml", "gpu")
-    assert gpu[gpu.index("-k") + 1] == "(cuda or gpu) and not emulator"
+    assert gpu[gpu.index("-k") + 1] == "(cuda or gpu) and not emulator and not nvrtc"
     assert f"--junitxml={tmp_path / 'j.xml'}" in gpu and gpu[-1] == str(REPOSITORY / "tests")
     assert "-k" not in gpu_check.pytest_command(REPOSITORY / "tests", tmp_path / "j.xml", "all")
     assert "-n" not in gpu

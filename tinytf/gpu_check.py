@@ -68,7 +68,7 @@ INSTALL_HINT = ("install CuPy on a machine with an NVIDIA GPU: pip install -e '.
 
 # "cuda" selects the device axis's cuda ids and the CUDA backend's tests, "gpu" the kernel tests of
 # tests/kernels/test_flash_attention_gpu.py; the emulator's module is named test_cuda_emulator but runs on the CPU.
-GPU_TEST_KEYWORDS = "(cuda or gpu) and not emulator"
+GPU_TEST_KEYWORDS = "(cuda or gpu) and not emulator and not nvrtc"
 
 # The README's GPU configuration (nanoGPT's shakespeare_char on a GPU): head dim 64, which the CUDA kernel takes.
 TRAIN_BATCH_SIZE, TRAIN_BLOCK_SIZE = 64, 256

@@ -304,6 +304,12 @@ class Tensor:
 _new_tensor = object.__new__
 
 
+def array_of(value):
+    """The array a Tensor holds, or `value` itself (an array, a list, a number). Not getattr(value, "data"): a
+    CuPy array's .data is its device memory pointer and a NumPy array's a memoryview."""
+    return value.data if isinstance(value, Tensor) else value
+
+
 def _wrap(array) -> Tensor:
     """An op's output array as a new Tensor, without Tensor.__init__'s argument handling (the engine's fast path);
     NumPy scalars, which 0-d ops return, become 0-d arrays."""

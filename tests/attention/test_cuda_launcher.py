@@ -2,7 +2,9 @@
 
 The kernels' accuracy is tested in tests/kernels; here the launcher: bf16/fp16 tensors reach the tensor-core kernels
 (on the CuPy stand-in, which runs them through the emulator, or on a GPU), gradients come back in the inputs' dtype,
-and the result on "cuda" is the emulated kernels' result on the CPU, bit for bit.
+and the result on "cuda" is the emulated kernels' result on the CPU: bit for bit on the stand-in, which runs the same
+emulator; within a few units in the last place on a GPU, whose expf and tensor-core accumulation order are not the
+host's (measured on an H100: float32 outputs apart by about 1e-7 relative).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 import tinytf
 from attention.attention_reference import reference_attention
 from devices import CUDA
+from tinytf import backend
 from tinytf.attention import cuda, scaled_dot_product_attention
 from tinytf.kernels import HEAD_DIMS, TENSOR_CORE_HEAD_DIMS
 
@@ -43,9 +46,9 @@ def test_half_precision_on_cuda_runs_the_tensor_core_kernels_through_autograd(dt
     cpu_inputs = [tinytf.tensor(x, requires_grad=True) for x in arrays]
     emulated = cuda.emulated_attention(*cpu_inputs, is_causal=True, scale=1 / 8, key_padding_mask=keep)
     emulated.backward(tinytf.tensor(grad_out.numpy()))
-    assert np.array_equal(out.numpy(), emulated.numpy(), equal_nan=True)
-    for on_cuda, on_cpu in zip((q, k, v), cpu_inputs):
-        assert np.array_equal(tinytf.Tensor(on_cuda.grad).numpy(), tinytf.Tensor(on_cpu.grad).numpy())
+    assert_matches_the_emulator(out.numpy(), emulated.numpy(), "out")
+    for name, on_cuda, on_cpu in zip("qkv", (q, k, v), cpu_inputs):
+        assert_matches_the_emulator(tinytf.Tensor(on_cuda.grad).numpy(), tinytf.Tensor(on_cpu.grad).numpy(), name)
 
     # A gross check of the kernels' meaning (their accuracy is tested in tests/kernels): each output is a convex
     # combination of rows of V, so rounding P to the dtype (relative 2^-8 for bf16, 2^-11 for fp16) and the output once
@@ -83,6 +86,17 @@ def test_head_dims_without_a_kernel_are_named(dtype, head_dims):
                                                               f"{head_dims}"
 
 
+def assert_matches_the_emulator(on_cuda: np.ndarray, emulated: np.ndarray, what: str = "") -> None:
+    """Bit for bit on the stand-in; on a GPU within 4 units of the dtype's precision times the largest magnitude, far
+    below what a wrong argument, mask or dropout draw moves (whole units)."""
+    if backend.uses_cuda_standin():
+        assert np.array_equal(on_cuda, emulated, equal_nan=True), what
+        return
+    reference = emulated.astype(np.float64)
+    bound = 4 * float(ml_dtypes.finfo(emulated.dtype).eps) * np.abs(reference).max()
+    assert np.abs(on_cuda.astype(np.float64) - reference).max() <= bound, what
+
+
 def test_the_kernels_refuse_inputs_of_two_dtypes():
     q = tinytf.zeros(1, 2, 4, 64, dtype=tinytf.bfloat16)
     k = tinytf.zeros(1, 2, 4, 64, dtype=tinytf.float16)
@@ -91,9 +105,9 @@ def test_the_kernels_refuse_inputs_of_two_dtypes():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device or the CuPy stand-in (TINYTF_CUDA_STANDIN=1)")
-def test_features_on_cuda_equal_the_emulated_kernels_bit_for_bit():
+def test_features_on_cuda_equal_the_emulated_kernels():
     """Window, softcap, ALiBi (B, Hq) and dropout, dense and packed, reach the float32 kernels through autograd on
-    "cuda" exactly as on the emulator (their meaning is tested in tests/kernels/test_attention_mask_cuda.py)."""
+    "cuda" as on the emulator (their meaning is tested in tests/kernels/test_attention_mask_cuda.py)."""
     rng = np.random.default_rng(3)
     q, k, v, grad_out = (rng.standard_normal(shape, dtype=np.float32)
                          for shape in ((2, 4, 21, 16), (2, 2, 30, 16), (2, 2, 30, 16), (2, 4, 21, 16)))
@@ -117,8 +131,8 @@ def test_features_on_cuda_equal_the_emulated_kernels_bit_for_bit():
             out = attention(*tensors, **features, **slopes_on_device)
             out.backward(tinytf.tensor(arrays[3], device=device))
             results.append([out.numpy(), *(tinytf.Tensor(x.grad).numpy() for x in tensors)])
-        for on_cuda_result, on_cpu_result in zip(*results):
-            assert np.array_equal(on_cuda_result, on_cpu_result), name
+        for what, on_cuda_result, on_cpu_result in zip(("out", "dq", "dk", "dv"), *results):
+            assert_matches_the_emulator(on_cuda_result, on_cpu_result, f"{name} {what}")
 
 
 def test_dropout_p_of_one_is_named():

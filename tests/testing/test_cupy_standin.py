@@ -104,6 +104,20 @@ def test_elementwise_kernel_compiles_its_operation_and_follows_cupys_rules():
         add_scaled(x, np.ones(3), 1)
 
 
+def test_elementwise_kernel_types_are_numpy_dtype_names_as_in_cupy():
+    """CuPy reads a parameter's type with numpy.dtype: "float" is float64 there, not C's float (which broke every
+    fused op on the first real GPU)."""
+    copy = cupy.ElementwiseKernel("float x", "float y", "y = x", "copy")
+    with pytest.raises(TypeError, match="Type is mismatched. x float32 float64"):
+        copy(cupy.ones(3, dtype=np.float32))
+    with pytest.raises(TypeError, match="Type is mismatched. y float32 float64"):
+        copy(cupy.ones(3), cupy.empty(3, dtype=np.float32))
+    assert copy(cupy.ones(3)).dtype == np.float64
+    same = cupy.ElementwiseKernel("T x, T y", "T z", "z = x + y", "same")
+    with pytest.raises(TypeError, match="Type is mismatched. y float64 float32"):
+        same(cupy.ones(3, dtype=np.float32), cupy.ones(3))
+
+
 def test_elementwise_kernel_raw_parameters_see_the_whole_array():
     reverse = cupy.ElementwiseKernel("raw T x, int64 n", "T y", "y = x[n - 1 - i]", "reverse")
     x = cupy.asarray(np.arange(5, dtype=np.float32))

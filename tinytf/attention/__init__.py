@@ -19,7 +19,7 @@ import numpy as np
 from .. import functional as F
 from ..backend import device_scope, generator, get_array_module, is_floating, to_device
 from ..creation import zeros
-from ..tensor import Tensor
+from ..tensor import Tensor, array_of
 from . import cuda
 from .flash import FlashAttention, flash_attention_backward, flash_attention_forward
 from .masks import (
@@ -229,7 +229,7 @@ def _tiled_dropout_seed(options: AttentionOptions) -> int:
 
 def _checked_slopes(alibi_slopes, batch: int, q: Tensor):
     """alibi_slopes (Hq,) or (batch, Hq) as a contiguous float32 (batch, Hq) array on q's device."""
-    slopes = alibi_slopes.data if isinstance(alibi_slopes, Tensor) else alibi_slopes
+    slopes = array_of(alibi_slopes)
     slopes = to_device(slopes if hasattr(slopes, "shape") else np.asarray(slopes), q.device)
     Hq = q.shape[1]
     if tuple(slopes.shape) not in ((Hq,), (batch, Hq)):

@@ -43,7 +43,7 @@ from ..kernels import (
     tensor_core_variant,
 )
 from ..kernels.emulator import EmulatedModule
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, array_of
 from .dropout import dropout_threshold
 from .masks import normalized_window
 
@@ -252,7 +252,7 @@ class PackedLayout:
     def __init__(self, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, xp):
         self.lengths, self.max_lengths, self._rows = {}, {"query": int(max_seqlen_q), "key": int(max_seqlen_k)}, {}
         for side, cu_seqlens in (("query", cu_seqlens_q), ("key", cu_seqlens_k)):
-            starts = backend.to_numpy(getattr(cu_seqlens, "data", cu_seqlens)).astype(np.int64)
+            starts = backend.to_numpy(array_of(cu_seqlens)).astype(np.int64)
             lengths = np.diff(starts)
             if starts.ndim != 1 or len(starts) < 2 or starts[0] != 0 or (lengths < 0).any():
                 raise ValueError(f"cuda attention: cu_seqlens_{side[0]} must be (N + 1,) cumulative lengths from 0, "
@@ -315,7 +315,7 @@ class CudaFlashAttention(Function):
 def _features(is_causal, scale, window, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset) -> dict:
     """The keywords of FlashAttentionKernels.forward/backward, alibi_slopes as an array."""
     return dict(scale=float(scale), is_causal=bool(is_causal), window=window, softcap=softcap,
-                alibi_slopes=getattr(alibi_slopes, "data", alibi_slopes), dropout_p=float(dropout_p),
+                alibi_slopes=array_of(alibi_slopes), dropout_p=float(dropout_p),
                 dropout_seed=int(dropout_seed), dropout_offset=int(dropout_offset))
 
 
@@ -356,7 +356,7 @@ def _key_keep(key_padding_mask, batch: int, key_len: int, xp):
     """The mask as the kernels read it: uint8 (B, S), 1 where the key may be attended."""
     if key_padding_mask is None:
         return xp.ones((batch, key_len), dtype=np.uint8)
-    mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
+    mask = array_of(key_padding_mask)
     return xp.ascontiguousarray(xp.broadcast_to(mask, (batch, key_len)), dtype=np.uint8)
 
 
@@ -418,7 +418,7 @@ def _check_inputs(q, k, v, key_padding_mask, device_kind: str, **features) -> No
         raise ValueError(f"cuda attention: {reason}")
     _check_features(B, Hq, **features)
     if key_padding_mask is not None:
-        mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
+        mask = array_of(key_padding_mask)
         if mask.dtype != bool or mask.ndim != 2 or mask.shape[1] != S or mask.shape[0] not in (1, B):
             raise ValueError(f"cuda attention: key_padding_mask must be bool (B, S) or (1, S) = ({B} or 1, {S}), "
                              f"got {mask.dtype} {tuple(mask.shape)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 
 from ..backend import get_array_module, to_device
+from ..tensor import array_of
 
 UNBOUNDED = -1
 
@@ -96,7 +97,7 @@ def is_key_padding_mask(attn_mask) -> bool:
 
 def key_padding_mask(attn_mask, S: int, device: str):
     """A key-padding attn_mask (see is_key_padding_mask; Tensor or array) as bool (B or 1, S) on `device`."""
-    mask = getattr(attn_mask, "data", attn_mask)
+    mask = array_of(attn_mask)
     shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
     mask = to_device(mask, device)
     return get_array_module(mask).broadcast_to(mask.reshape(shape[0], shape[3]), (shape[0], S))

@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_numpy
-from ..tensor import Tensor
+from ..tensor import Tensor, array_of
 
 
 def checked_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen: int) -> np.ndarray:
     """cu_seqlens as a host int64 array, or a ValueError/TypeError naming what is wrong with it: it must be a 1-D
     integer array (or Tensor) of at least two entries, 0 first and `total` last, non-decreasing, with no sequence
     longer than max_seqlen."""
-    data = cu_seqlens.data if isinstance(cu_seqlens, Tensor) else cu_seqlens
+    data = array_of(cu_seqlens)
     host = to_numpy(data) if hasattr(data, "shape") else np.asarray(data)
     if host.dtype.kind not in "iu":
         raise TypeError(f"varlen_attention: {name} must hold integers, got dtype {host.dtype}")
@@ -43,7 +43,7 @@ def cu_seqlens_from_positions(position_ids) -> tuple[np.ndarray, int]:
     """(cu_seqlens int32 (N + 1,), the longest length) of the sequences packed in rows of position ids (B, T),
     flattened row after row: a sequence starts at each row's first token and at every position 0 (Hugging Face's
     rule for packed batches: data.document_positions numbers documents so)."""
-    positions = to_numpy(position_ids.data if isinstance(position_ids, Tensor) else position_ids)
+    positions = to_numpy(array_of(position_ids))
     if positions.ndim != 2 or positions.dtype.kind not in "iu":
         raise ValueError(f"position_ids must be integers of shape (B, T), got {positions.dtype} {positions.shape}")
     starts = positions == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import backend
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, array_of
 
 
 # Below this many rows, the table's gradient is one-hot(ids)^T @ grad, a GEMM of 2 V flops per gradient element:
@@ -64,7 +64,7 @@ def embedding(ids, weight: Tensor) -> Tensor:
 
 def one_hot(ids, num_classes: int = -1) -> Tensor:
     """int64 tensor (..., num_classes) with a 1 at each id; num_classes=-1 uses max(id) + 1."""
-    data = ids.data if isinstance(ids, Tensor) else ids
+    data = array_of(ids)
     xp = backend.get_array_module(data)
     with backend.device_scope(backend.device_of(data)):
         data = _integer_ids("one_hot", data, xp)

@@ -312,8 +312,10 @@ class ElementwiseExpression:
             declaration = f"{ctype} " if target in self.locals and target not in declared else ""
             declared.add(target)
             lines.append(f"{declaration}{target} = {_printed(tree, leaf, lambda name: FUNCTIONS[name][1])};")
-        in_params = ", ".join(f"{ctype} {name}" for name in self.inputs + self.scalars)
-        out_params = ", ".join(f"{ctype} {name}" for name in self.outputs)
+        # CuPy reads parameter types as NumPy dtype names ("float" would be float64 there); the body is C
+        type_name = np.dtype(dtype).name
+        in_params = ", ".join(f"{type_name} {name}" for name in self.inputs + self.scalars)
+        out_params = ", ".join(f"{type_name} {name}" for name in self.outputs)
         return in_params, out_params, "\n".join(lines)
 
     def numexpr_source(self) -> tuple[list[tuple[str, str]], list[float]]:

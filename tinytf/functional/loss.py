@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from .. import backend
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, array_of
 from .activation import sigmoid_array
 from .arithmetic import minimum, where
 from .common import as_tensor, computes_in_float32
@@ -221,7 +221,7 @@ def _classes_last(scores: Tensor) -> Tensor:
 
 def _checked_class_ids(op: str, input: Tensor, target, ignore_index: int):
     """The target class ids as one flat array on the input's device, after checking dtype, shape and range."""
-    ids = backend.to_device(target.data if isinstance(target, Tensor) else target, input.device)
+    ids = backend.to_device(array_of(target), input.device)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{op}: targets must be integer class ids, got dtype {ids.dtype}")
     expected = _batch_shape(op, input)
@@ -241,7 +241,7 @@ def _constant_like(value, input: Tensor):
     """`value` (a Tensor, array or number) as an array on the input's device in its dtype: a weight, which gets no
     gradient."""
     with backend.device_scope(input.device):
-        data = backend.to_device(value.data if isinstance(value, Tensor) else value, input.device)
+        data = backend.to_device(array_of(value), input.device)
         return data.astype(input.dtype, copy=False)
 
 

@@ -15,7 +15,7 @@ Study versions: these formulas as written, on plain arrays, are `layer_norm_stud
 from __future__ import annotations
 
 from .. import backend
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, array_of
 from .common import block_scratch, map_row_blocks, row_sum_vector
 
 
@@ -365,17 +365,13 @@ def _check_channels(op: str, x: Tensor, **params) -> int:
     return channels
 
 
-def _array(value):
-    return value.data if isinstance(value, Tensor) else value
-
-
 def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor | None = None, bias: Tensor | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Normalize each channel of x (N, C, *) over the batch and spatial axes, then scale and shift it per channel,
     as torch.nn.functional.batch_norm. In training the batch's statistics normalize, and running_mean and
     running_var (arrays or Tensors of shape (C,), or None) are updated in place:
     running = (1 - momentum) * running + momentum * batch statistic. Otherwise the running statistics normalize."""
-    running_mean, running_var = _array(running_mean), _array(running_var)
+    running_mean, running_var = array_of(running_mean), array_of(running_var)
     channels = _check_channels("batch_norm", x, running_mean=running_mean, running_var=running_var,
                                weight=weight, bias=bias)
     if (running_mean is None) != (running_var is None):

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, array_of
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float = 10000.0, xp=None):
@@ -59,8 +59,8 @@ class Rotary(Function):
 def apply_rotary(x: Tensor, cos, sin) -> Tensor:
     """Rotate the last axis of x (..., T, D) by the angles of positions given as cos/sin rows (T, D), or as tables
     that broadcast to x's shape with a position per row (packed sequences: x (total, H, D), tables (total, 1, D))."""
-    cos = cos.data if isinstance(cos, Tensor) else cos
-    sin = sin.data if isinstance(sin, Tensor) else sin
+    cos = array_of(cos)
+    sin = array_of(sin)
     if sin.shape != cos.shape or cos.shape[-1:] != x.shape[-1:] or not _broadcasts_to(cos.shape, x.shape):
         raise ValueError(f"apply_rotary: tables of shape {cos.shape} do not fit input of shape {x.shape}")
     if backend.device_of(cos) != x.device:  # tables made on the host, for x on a GPU

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..tensor import Function, SliceGrad, Tensor
+from ..tensor import Function, SliceGrad, Tensor, array_of
 from .common import canonical_axes, scatter_added, sum_to
 
 
@@ -172,7 +172,7 @@ def getitem(a: Tensor, index) -> Tensor:
     if isinstance(index, Tensor):
         index = index.data
     elif isinstance(index, tuple):
-        index = tuple(part.data if isinstance(part, Tensor) else part for part in index)
+        index = tuple(array_of(part) for part in index)
     try:
         return GetItem.apply(a, index=index)
     except IndexError as error:

@@ -34,7 +34,7 @@ from ..nn import (
     MultiHeadAttention,
 )
 from ..nn.layers import DecodeLayouts
-from ..tensor import Tensor, no_grad
+from ..tensor import Tensor, array_of, no_grad
 from .beam import beam_search
 from .encoder import check_common, check_positive_ints, checked_ids, feed_forward, init_bert_style
 from .sampling import sample_next_token
@@ -220,7 +220,7 @@ class EncoderDecoder(Module):
     def padded_sources(self, sources) -> tuple[np.ndarray, np.ndarray]:
         """A list of 1-D id arrays (or a 2-D array, its rows) -> ids (B, S) right-padded with pad_token_id and the
         padding mask (B, S) bool, True = a token, on the host."""
-        rows = [np.asarray(backend.to_numpy(row.data if isinstance(row, Tensor) else row)) for row in sources]
+        rows = [np.asarray(backend.to_numpy(array_of(row))) for row in sources]
         if not rows or any(row.ndim != 1 or row.size == 0 or row.dtype.kind not in "iu" for row in rows):
             raise ValueError(f"EncoderDecoder.generate: sources must be a list of 1-D integer id arrays with at least "
                              f"one token each, got {[(row.dtype, row.shape) for row in rows]}")

@@ -33,7 +33,7 @@ from ..nn import (
     init_skipped,
 )
 from ..nn.layers import DecodeLayouts
-from ..tensor import Tensor, no_grad
+from ..tensor import Tensor, array_of, no_grad
 from .beam import beam_search
 from .sampling import sample_next_token
 
@@ -221,7 +221,7 @@ class GPT(Module):
 
     def _checked_positions(self, position_ids, B: int, T: int):
         """position_ids as an integer array (B, T) on the model's device, or a ValueError naming what is wrong."""
-        positions = position_ids.data if isinstance(position_ids, Tensor) else position_ids
+        positions = array_of(position_ids)
         positions = backend.to_device(positions, self.wte.weight.device)
         if tuple(positions.shape) != (B, T) or positions.dtype.kind not in "iu":
             raise ValueError(f"GPT: position_ids must be integers of the ids' shape {(B, T)}, got {positions.dtype} "
@@ -413,7 +413,7 @@ class GPT(Module):
 
 def _prompt_ids(prompt) -> np.ndarray:
     """One prompt of a list as a 1-D int64 host array."""
-    return np.asarray(backend.to_numpy(prompt.data if isinstance(prompt, Tensor) else prompt), dtype=np.int64)
+    return np.asarray(backend.to_numpy(array_of(prompt)), dtype=np.int64)
 
 
 def _right_aligned(idx) -> tuple[np.ndarray, np.ndarray | None]:
@@ -421,7 +421,7 @@ def _right_aligned(idx) -> tuple[np.ndarray, np.ndarray | None]:
     it is (starts None); a list of B prompts is laid out right-aligned, row b's tokens from column starts[b] on and
     zeros before them, starts None when the prompts have one length. A ValueError names an ill-shaped context."""
     if not isinstance(idx, (list, tuple)):
-        context = np.array(backend.to_numpy(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
+        context = np.array(backend.to_numpy(array_of(idx)), dtype=np.int64)
         if context.ndim != 2 or context.shape[1] == 0:
             raise ValueError(f"generation needs a context of shape (batch, time) with time >= 1, got {context.shape}")
         return context, None

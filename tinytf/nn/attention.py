@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import backend
 from ..attention.masks import softcapped
-from ..tensor import Tensor
+from ..tensor import Tensor, array_of
 from . import functional as F
 from .kv_cache import KVCache
 from .layers import DecodeLayouts, Dropout, Linear
@@ -47,7 +47,7 @@ class ContextKV(NamedTuple):
 
 def _checked_key_padding_mask(key_padding_mask, batch_size: int, S: int, device: str):
     """A key_padding_mask (B, S) bool, Tensor or array, as an array on `device`."""
-    mask = backend.to_device(getattr(key_padding_mask, "data", key_padding_mask), device)
+    mask = backend.to_device(array_of(key_padding_mask), device)
     if tuple(mask.shape) != (batch_size, S) or mask.dtype != np.bool_:
         raise ValueError(f"MultiHeadAttention: key_padding_mask must be bool of shape (B, S) = {(batch_size, S)}, "
                          f"got {mask.dtype} of shape {tuple(mask.shape)}")
@@ -189,7 +189,7 @@ class MultiHeadAttention(Module):
         if tuple(position_ids.shape) != (B, T):
             raise ValueError(f"MultiHeadAttention: position_ids must have the shape (B, T) = {(B, T)} of the input, "
                              f"got {tuple(position_ids.shape)}")
-        positions = backend.to_numpy(position_ids.data if isinstance(position_ids, Tensor) else position_ids)
+        positions = backend.to_numpy(array_of(position_ids))
         cu_seqlens, longest = F.cu_seqlens_from_positions(positions)
         qkv = self.c_attn(x).reshape(B * T, H + 2 * Hkv, D)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=1)  # (B*T, H, D), (B*T, Hkv, D), (B*T, Hkv, D)

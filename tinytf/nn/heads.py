@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..tensor import Tensor
+from ..tensor import Tensor, array_of
 from . import functional as F
 from .layers import DecodeLayouts, Dropout, Embedding, LayerNorm, Linear
 from .module import Module
@@ -71,7 +71,7 @@ def mean_pool(x: Tensor, padding_mask=None) -> Tensor:
     B, T, _ = x.shape
     if padding_mask is None:
         return x.mean(dim=1)
-    mask = backend.to_device(getattr(padding_mask, "data", padding_mask), x.device)
+    mask = backend.to_device(array_of(padding_mask), x.device)
     if tuple(mask.shape) != (B, T) or mask.dtype != np.bool_:
         raise ValueError(f"mean_pool: padding_mask must be bool of shape (B, T) = {(B, T)}, got {mask.dtype} of "
                          f"shape {tuple(mask.shape)}")

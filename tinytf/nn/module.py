@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .. import backend
-from ..tensor import Tensor
+from ..tensor import Tensor, array_of
 
 _init_skipped = False
 
@@ -35,7 +35,7 @@ class Parameter(Tensor):
     """A Tensor that a Module owns and trains: assigning one to a Module attribute registers it."""
 
     def __init__(self, data, requires_grad: bool = True):
-        super().__init__(data.data if isinstance(data, Tensor) else data, requires_grad=requires_grad)
+        super().__init__(array_of(data), requires_grad=requires_grad)
 
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
@@ -227,7 +227,7 @@ def _shape_of(value) -> tuple[int, ...]:
 
 def _converted(value, like):
     """`value` as a fresh array with the dtype and on the device of `like`."""
-    value = value.data if isinstance(value, Tensor) else value
+    value = array_of(value)
     # Cast on the host, then one copy to the device: no kernel runs on a device that may not be the current one.
     return backend.to_device(backend.to_numpy(value).astype(like.dtype, copy=True), backend.device_of(like))
 

@@ -236,6 +236,18 @@ class _Runtime:
 # --- arrays ----------------------------------------------------------------------------------------------------
 
 
+class MemoryPointer:
+    """cupy.cuda.MemoryPointer: what `x.data` is on a CuPy array (device memory, not the values), so code that
+    takes `.data` of an array it thinks is a Tensor gets an object CuPy cannot make an array of."""
+
+    def __init__(self, array: _np.ndarray, device_id: int):
+        self.ptr, self.device_id = array.__array_interface__["data"][0], device_id
+
+    @property
+    def device(self) -> Device:
+        return Device(self.device_id)
+
+
 class ndarray:
     """cupy.ndarray on host memory: NumPy computes, CuPy's rules apply (see the module docstring)."""
 
@@ -278,6 +290,7 @@ class ndarray:
     device = property(lambda self: Device(self._device_id))
     T = property(lambda self: self._wrap(self._array.T, self._device_id))
     mT = property(lambda self: self._wrap(_np.swapaxes(self._array, -1, -2), self._device_id))
+    data = property(lambda self: MemoryPointer(self._array, self._device_id))
 
     @property
     def base(self):
@@ -572,7 +585,10 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0):
     if isinstance(obj, (list, tuple)):  # nested host data, perhaps with CuPy arrays of the current device in it
         _operand_device([item for item in _flat(obj) if isinstance(item, ndarray)])
         obj = _unwrap(obj)
-    return ndarray._wrap(_np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin), _DeviceState.current)
+    host = _np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+    if host.dtype == object:
+        raise ValueError("Unsupported dtype object")
+    return ndarray._wrap(host, _DeviceState.current)
 
 
 def asarray(a, dtype=None, order=None):
@@ -698,7 +714,7 @@ class ElementwiseKernel:
             raise TypeError(f"Wrong number of arguments for {self.name!r}: expected {self.nin} or {self.nargs}, "
                             f"got {len(args)}")
         device = _operand_device(args)
-        types = self._placeholder_types(args)
+        types = self._checked_types(args)
         arrays = [(param, arg._array) for param, arg in zip(self.in_params + self.out_params, args)
                   if isinstance(arg, ndarray) and not param[0]]
         shape = _np.broadcast_shapes(*[array.shape for _, array in arrays]) if arrays else ()
@@ -711,8 +727,6 @@ class ElementwiseKernel:
             if not param[0] and out.shape != shape:
                 raise ValueError(f"Out shape is mismatched: {param[2]!r} has {out.shape}, the arguments broadcast "
                                  f"to {shape}")
-            if out.dtype != _elementwise_dtype(param[1], types):
-                raise TypeError(f"Type is mismatched. {param[2]!r} {out.dtype} {_elementwise_dtype(param[1], types)}")
         size = int(_np.prod(shape))
         if size:
             self._launch(args[:self.nin], outputs, shape, size, types)
@@ -722,16 +736,23 @@ class ElementwiseKernel:
             return outputs[0]
         return tuple(outputs)
 
-    def _placeholder_types(self, args) -> dict[str, _np.dtype]:
-        """CuPy's typing: a placeholder takes the dtype of the first array bound to it, else of the first scalar."""
+    def _checked_types(self, args) -> dict[str, _np.dtype]:
+        """CuPy's typing (_decide_params_type_core): the outputs passed, then the input arrays, must have the dtype
+        their parameter names, and a placeholder takes the dtype of the first of them bound to it; a placeholder bound
+        to scalars only takes the first scalar's."""
         types: dict[str, _np.dtype] = {}
-        for want_array in (True, False):
-            for param, arg in zip(self.in_params + self.out_params, args):
-                if param[1] not in _ELEMENTWISE_TYPES and isinstance(arg, ndarray) == want_array:
-                    types.setdefault(param[1], arg.dtype if want_array else _np.asarray(arg).dtype)
-        for param in self.in_params + self.out_params:
-            if param[1] not in _ELEMENTWISE_TYPES and param[1] not in types:
-                raise TypeError(f"{self.name}: cannot determine the type of {param[1]!r}")
+        bound = [*zip(self.out_params, args[self.nin:]), *zip(self.in_params, args[:self.nin])]
+        for (_, type_name, name), arg in bound:
+            if isinstance(arg, ndarray):
+                expected = types.setdefault(type_name, arg.dtype) if _is_placeholder(type_name) else _np.dtype(type_name)
+                if arg.dtype != expected:
+                    raise TypeError(f"Type is mismatched. {name} {arg.dtype} {expected}")
+        for (_, type_name, _), arg in zip(self.in_params, args):
+            if _is_placeholder(type_name) and not isinstance(arg, ndarray):
+                types.setdefault(type_name, _np.asarray(arg).dtype)
+        for _, type_name, _ in self.in_params + self.out_params:
+            if _is_placeholder(type_name) and type_name not in types:
+                raise TypeError(f"{self.name}: cannot determine the type of {type_name!r}")
         return types
 
     def _launch(self, inputs, outputs, shape, size, types) -> None:
@@ -759,10 +780,6 @@ class ElementwiseKernel:
             target[...] = contiguous
 
 
-_ELEMENTWISE_TYPES = {**{name: _np.dtype(dtype) for name, dtype in _NUMPY_TYPES.items()},
-                      **{name: _np.dtype(name) for name in ("bool", "int8", "uint8", "int16", "uint16", "int32",
-                                                            "uint32", "int64", "uint64", "float16", "float32",
-                                                            "float64")}}
 _C_NAMES = {_np.dtype(dtype): name for name, dtype in reversed(list(_NUMPY_TYPES.items()))}
 
 
@@ -777,8 +794,14 @@ def _elementwise_params(text: str) -> list[tuple[bool, str, str]]:
     return params
 
 
+def _is_placeholder(type_name: str) -> bool:
+    """CuPy's rule: a one-letter type (T, X) is a placeholder; any other is a NumPy dtype name, so "float" is
+    float64 there, as in numpy.dtype("float"), not C's float."""
+    return len(type_name) == 1
+
+
 def _elementwise_dtype(type_name: str, types: dict) -> _np.dtype:
-    return _ELEMENTWISE_TYPES[type_name] if type_name in _ELEMENTWISE_TYPES else types[type_name]
+    return types[type_name] if _is_placeholder(type_name) else _np.dtype(type_name)
 
 
 def _elementwise_source(in_params, out_params, operation: str, name: str, types: dict, scalar_params=(),
@@ -832,7 +855,8 @@ runtime = _submodule("cuda.runtime", CUDARuntimeError=_Runtime.CUDARuntimeError,
                      getDeviceCount=_Runtime.getDeviceCount, deviceSynchronize=_Runtime.deviceSynchronize,
                      runtimeGetVersion=_Runtime.runtimeGetVersion, driverGetVersion=_Runtime.driverGetVersion,
                      getDeviceProperties=_Runtime.getDeviceProperties)
-cuda = _submodule("cuda", Device=Device, Stream=Stream, Event=Event, MemoryPool=MemoryPool, runtime=runtime,
+cuda = _submodule("cuda", Device=Device, Stream=Stream, Event=Event, MemoryPool=MemoryPool,
+                  MemoryPointer=MemoryPointer, runtime=runtime,
                   get_current_stream=_get_current_stream, get_elapsed_time=_get_elapsed_time,
                   is_available=lambda: True)
 random = _submodule("random", Generator=Generator, default_rng=_default_rng)
