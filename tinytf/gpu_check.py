@@ -82,8 +82,9 @@ QUICK_MAX_LENGTH = 4096
 ATTENTION_HEAD_DIMS = (64, 128)
 ATTENTION_DTYPES = ("bfloat16", "float32")  # bfloat16 first: the tensor-core kernels are the ones to measure
 TINYTF_KERNEL, CUPY_NAIVE, TORCH_SDPA = "tinytf cuda", "cupy naive", "torch sdpa"
-# Score-sized float32 arrays the naive path holds at its peak (its softmax runs in float32 for every input dtype), with a margin: forward keeps the scores and their
-# softmax (plus the causal bias, T x S); backward adds the gradients of the weights and of the scores.
+# Score-sized float32 arrays the naive path holds at its peak (its softmax runs in float32 for every input dtype), with
+# a margin: forward keeps the scores and their softmax (plus the causal bias, T x S); backward adds the gradients of
+# the weights and of the scores.
 NAIVE_SCORE_COPIES = {"forward": 3, "forward+backward": 5}
 NAIVE_MEMORY_SHARE = 0.5  # run the naive path only where its estimate fits in this share of the free GPU memory
 

@@ -67,10 +67,8 @@ def references(hf, tmp_path_factory):
         torch.manual_seed(0)  # each model the same whatever the others
         model = build()
         model.config._attn_implementation = "eager"
-        if name == "bart_untied":
-            with torch.no_grad():  # untied, BART's stacks have token tables of their own; tinytf's share one
-                for stack in (model.model.encoder, model.model.decoder):
-                    stack.embed_tokens.weight.copy_(model.model.shared.weight)
+        if name == "bart_untied":  # untied, the stacks' token tables, model.shared and lm_head are four tensors
+            with torch.no_grad():
                 model.lm_head.weight.mul_(UNTIED_HEAD_SCALE)
         folder = tmp_path_factory.mktemp(name)
         _random(torch, model).save_pretrained(folder)
@@ -160,6 +158,32 @@ def test_bart_generation_equals_transformers_with_and_without_cache(hf, referenc
     assert ended_early
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_forced_first_and_last_tokens_from_generation_config_match_transformers(hf, references, tmp_path, num_beams):
+    """generation_config.json's forced_bos_token_id / forced_eos_token_id, which transformers' generate applies:
+    the first token and the token at max_new_tokens are forced (a forced beam step adds no score)."""
+    torch, _ = hf
+    hf_model, folder = references["bart_untied"]
+    forced_bos, forced_eos = 7, EOS
+    edited = _edited_copy(folder, tmp_path)
+    (edited / "generation_config.json").write_text(json.dumps({"forced_bos_token_id": forced_bos,
+                                                                "forced_eos_token_id": forced_eos}))
+    model = from_pretrained(edited)
+    assert (model.config.forced_bos_token_id, model.config.forced_eos_token_id) == (forced_bos, forced_eos)
+    src, src_mask = _batch((9, 4, 6), seed=1)
+    with torch.no_grad():
+        expected = hf_model.generate(torch.as_tensor(src), attention_mask=torch.as_tensor(src_mask.astype(int)),
+                                     max_new_tokens=NEW_TOKENS, num_beams=num_beams, do_sample=False,
+                                     eos_token_id=EOS, forced_bos_token_id=forced_bos,
+                                     forced_eos_token_id=forced_eos).numpy()
+    generated = model.generate([row[mask] for row, mask in zip(src, src_mask)], NEW_TOKENS,
+                               num_beams=None if num_beams == 1 else num_beams, eos_token_id=EOS)
+    for ours, theirs in zip(generated, expected[:, 1:]):
+        np.testing.assert_array_equal(ours, theirs[: len(ours)])
+        assert ours[0] == forced_bos and ours[-1] == forced_eos
+    assert any(len(ours) == NEW_TOKENS for ours in generated)  # one ran to the end, where the end token is forced
+
+
 def _outputs(torch, hf_model, name):
     """The reference model's hidden states or logits on a padded batch (BERT with token types)."""
     ids, mask = _batch()
@@ -205,13 +229,27 @@ def test_unsupported_or_inconsistent_folders_are_refused_by_name(references, tmp
         from_pretrained(_edited_copy(references[name][1], tmp_path, **changes))
 
 
-def test_bart_stack_embeddings_apart_from_the_shared_table_are_refused(references, tmp_path):
-    folder = _edited_copy(references["bart"][1], tmp_path)
-    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+def test_bart_token_tables_follow_tie_word_embeddings(references, tmp_path):
+    """Tied, transformers overwrites the stacks' tables with model.shared, so tinytf reads shared alone even where a
+    checkpoint's copies differ; untied, each stack reads its own table (share_embeddings=False)."""
+    ids, mask = _batch()
+    tied_folder = references["bart"][1]
+    edited = _edited_copy(tied_folder, tmp_path)
+    tensors = safetensors.numpy.load_file(edited / "model.safetensors")
     tensors["model.decoder.embed_tokens.weight"] = tensors["model.shared.weight"] + 1
-    safetensors.numpy.save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.decoder.embed_tokens.weight differ"):
-        from_pretrained(folder)
+    safetensors.numpy.save_file(tensors, edited / "model.safetensors")
+    tied, original = from_pretrained(edited), from_pretrained(tied_folder)
+    assert tied.config.share_embeddings and tied.decoder.embed_tokens is None
+    np.testing.assert_array_equal(tied(ids, ids, mask, mask)[0].data, original(ids, ids, mask, mask)[0].data)
+
+    untied_folder = references["bart_untied"][1]
+    untied = from_pretrained(untied_folder)
+    assert not untied.config.share_embeddings and untied.shared is None
+    tensors = safetensors.numpy.load_file(untied_folder / "model.safetensors")
+    for stack in ("encoder", "decoder"):
+        np.testing.assert_array_equal(getattr(untied, stack).embed_tokens.weight.data,
+                                      tensors[f"model.{stack}.embed_tokens.weight"])
+    assert not np.array_equal(*(tensors[f"model.{stack}.embed_tokens.weight"] for stack in ("encoder", "decoder")))
 
 
 def test_a_model_on_a_device_gives_the_cpu_results_and_saves_the_same_tensors(references, tmp_path, device):
@@ -230,6 +268,8 @@ def test_a_model_on_a_device_gives_the_cpu_results_and_saves_the_same_tensors(re
         saved = safetensors.numpy.load_file(save_pretrained(model, tmp_path / folder.name) / "model.safetensors")
         original = safetensors.numpy.load_file(folder / "model.safetensors")
         assert saved.keys() == original.keys()
+        if folder == bart_folder:  # a table per stack: transformers never reads model.shared; saved as the encoder's
+            original["model.shared.weight"] = original["model.encoder.embed_tokens.weight"]
         for name, array in original.items():
             np.testing.assert_array_equal(saved[name], array)
 
@@ -246,6 +286,9 @@ def test_half_precision_loads_without_widening_and_saves_as_bf16(references, tmp
     (EncoderDecoder(EncoderDecoderConfig(vocab_size=8, d_model=8, n_head=2, encoder_layers=1, decoder_layers=1,
                                          ffn_dim=8, positions="sinusoidal")),
      "'positions': 'sinusoidal'"),
+    (EncoderDecoder(EncoderDecoderConfig(vocab_size=8, d_model=8, n_head=2, encoder_layers=1, decoder_layers=1,
+                                         ffn_dim=8, share_embeddings=False)),
+     "a table per stack (share_embeddings=False) with tie_word_embeddings=True"),
     (Encoder(EncoderConfig(vocab_size=8, n_layer=1, n_head=2, n_embd=8, mlp_hidden=8, norm_first=True)),
      "norm_first=True"),
 ])

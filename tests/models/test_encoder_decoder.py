@@ -17,7 +17,8 @@ from tinytf.optim import AdamW
 SMALL = dict(vocab_size=13, max_positions=12, d_model=16, n_head=2, encoder_layers=2, decoder_layers=2, ffn_dim=32)
 BART_LIKE = dict(position_offset=2)
 TRANSFORMER_LIKE = dict(norm_first=True, final_norm=True, layernorm_embedding=False, positions="sinusoidal",
-                        scale_embedding=True, activation="gelu_tanh", tie_word_embeddings=False)
+                        scale_embedding=True, activation="gelu_tanh", share_embeddings=False,
+                        tie_word_embeddings=False)
 STYLES = pytest.mark.parametrize("style", [BART_LIKE, TRANSFORMER_LIKE], ids=["post-norm", "pre-norm"])
 SOURCES = [np.array([5, 6, 7, 8, 9, 10, 3]), np.array([4]), np.array([11, 3, 12, 4])]
 

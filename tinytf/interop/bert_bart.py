@@ -21,7 +21,11 @@ names as follows (block i; "{i}" below):
     head.pooler / head.classifier     bert.pooler.dense / classifier                            (classification)
 
     tinytf (EncoderDecoder)           BART ("model." prefix but final_logits_bias and lm_head)
-    shared                            shared (encoder.embed_tokens and decoder.embed_tokens are the same tensor)
+    shared                            shared (encoder.embed_tokens and decoder.embed_tokens are the same tensor
+                                      when tie_word_embeddings; untied, each stack reads its own)
+    {en,de}coder.embed_tokens         {en,de}coder.embed_tokens (share_embeddings=False: a folder with untied
+                                      tables that differ; transformers then ignores shared, which is saved as a
+                                      copy of the encoder's table)
     {en,de}coder.embed_positions      {en,de}coder.embed_positions (max_positions + 2 rows: BART's offset of 2;
                                       a model with another position_offset is saved shifted to it)
     {en,de}coder.layernorm_embedding  {en,de}coder.layernorm_embedding
@@ -34,8 +38,10 @@ names as follows (block i; "{i}" below):
     final_logits_bias                 final_logits_bias (1, vocab_size)
 
 BERT's pooler (BertModel's pooler.dense) has no place in `Encoder` and is skipped on loading. BART's generation
-settings forced_bos_token_id / forced_eos_token_id (transformers forces those tokens at the first / last step) are
-not applied by tinytf's generate; save_pretrained writes them as null, so that transformers generates as tinytf does.
+settings forced_bos_token_id / forced_eos_token_id (the tokens generate forces at the first / last step) are read
+from generation_config.json where the folder has one (as transformers does), else from config.json (BartConfig's
+defaults: none, and 2), into EncoderDecoderConfig; save_pretrained writes them into config.json. The other
+generation settings (beams, lengths, n-gram blocking) are left to generate's arguments.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ from .hf import (_REQUIRED, CONFIG_FILE, _checkpoint_dtype, _floating_dtype, _re
                  check_weights_fit, write_folder)
 
 MODEL_TYPES = ("bert", "bart")
+GENERATION_CONFIG_FILE = "generation_config.json"
+_FORCED_TOKEN_DEFAULTS = {"forced_bos_token_id": None, "forced_eos_token_id": 2}  # BartConfig's
 BertOrBart = Encoder | EncoderForMaskedLM | EncoderForSequenceClassification | EncoderDecoder
 BART_POSITION_OFFSET = 2  # BART's learned positions start at row 2 (rows 0 and 1: a fairseq padding artefact)
 
@@ -88,6 +96,7 @@ _BERT_CLASSIFIER = {
 def _bart_stack(stack: str) -> dict:
     layer = f"model.{stack}.layers.{{i}}"
     return {
+        f"{stack}.embed_tokens": (f"model.{stack}.embed_tokens",),
         f"{stack}.embed_positions": (f"model.{stack}.embed_positions",),
         f"{stack}.layernorm_embedding": (f"model.{stack}.layernorm_embedding",),
         f"{stack}.blocks.{{i}}.attn.c_attn": tuple(f"{layer}.self_attn.{p}_proj" for p in "qkv"),
@@ -116,11 +125,11 @@ MODEL_CLASSES = tuple(_TABLES)  # the models save_pretrained writes
 _BERT_CLASSES = {Encoder: "BertModel", EncoderForMaskedLM: "BertForMaskedLM",
                  EncoderForSequenceClassification: "BertForSequenceClassification"}
 # Tensors a checkpoint may hold that tinytf does not use: BERT's pooler (unless classifying), its next-sentence head
-# (BertForPreTraining), the position ids of old checkpoints and the masked-LM decoder's copies of the tied weights;
-# BART's copies of the shared embeddings (checked equal to them: _check_embedding_copies).
+# (BertForPreTraining), the position ids of old checkpoints and the masked-LM decoder's copies of the tied weights.
 _IGNORED = re.compile(r"^(bert\.)?(pooler\.|embeddings\.position_ids$)"
-                      r"|^cls\.(seq_relationship\.|predictions\.decoder\.)|^model\.(en|de)coder\.embed_tokens\.weight$")
-_BART_EMBEDDING_COPIES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+                      r"|^cls\.(seq_relationship\.|predictions\.decoder\.)")
+_BART_SHARED = "model.shared.weight"
+_BART_STACK_TABLES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
 
 
 def _tensor_names(model: Module) -> dict[str, tuple[str, ...] | str]:
@@ -172,7 +181,7 @@ def from_pretrained(path, device: str = "cpu", dtype=None) -> BertOrBart:
     tensors = _read_weights(folder)
     try:
         if model_type == "bart":
-            build = partial(EncoderDecoder, EncoderDecoderConfig(**_bart_fields(settings)))
+            build = partial(EncoderDecoder, EncoderDecoderConfig(**_bart_fields(settings, tensors)))
         elif "classifier.weight" in tensors:
             # transformers counts the classes by id2label's entries (2 without one)
             n_classes = len(settings.get("id2label", None) or range(settings.get("num_labels", 2)))
@@ -208,7 +217,7 @@ def _bert_fields(settings: _Settings) -> dict:
     )
 
 
-def _bart_fields(settings: _Settings) -> dict:
+def _bart_fields(settings: _Settings, tensors: dict[str, np.ndarray]) -> dict:
     settings.refuse_unless("activation_function", "gelu", ("gelu",), "the MLP uses the exact (erf) GELU")
     for encoder_key, decoder_key in (("encoder_attention_heads", "decoder_attention_heads"),
                                      ("encoder_ffn_dim", "decoder_ffn_dim")):
@@ -223,11 +232,42 @@ def _bart_fields(settings: _Settings) -> dict:
         ffn_dim=settings.get("encoder_ffn_dim"), dropout=settings.get("dropout", 0.1), activation="gelu",
         norm_first=False, positions="learned", position_offset=BART_POSITION_OFFSET,
         scale_embedding=settings.get("scale_embedding", False), layernorm_embedding=True, final_norm=False,
+        share_embeddings=_one_token_table(settings, tensors),
         tie_word_embeddings=settings.get("tie_word_embeddings", True), norm_eps=1e-5,
         pad_token_id=settings.get("pad_token_id", 1), bos_token_id=settings.get("bos_token_id", 0),
         eos_token_id=settings.get("eos_token_id", 2),
         decoder_start_token_id=settings.get("decoder_start_token_id", 2),
+        **_forced_tokens(settings),
     )
+
+
+def _forced_tokens(settings: _Settings) -> dict:
+    """forced_bos_token_id and forced_eos_token_id as transformers' generate reads them: generation_config.json alone
+    where the folder has one (a key it lacks is None), else config.json with BartConfig's defaults."""
+    path = settings.path.parent / GENERATION_CONFIG_FILE
+    if path.is_file():
+        generation = load_json(path)
+        return {key: generation.get(key) for key in _FORCED_TOKEN_DEFAULTS}
+    return {key: settings.get(key, default) for key, default in _FORCED_TOKEN_DEFAULTS.items()}
+
+
+def _one_token_table(settings: _Settings, tensors: dict[str, np.ndarray]) -> bool:
+    """Whether BART's stacks read one token table: tied (transformers then overwrites the stacks' tables with
+    model.shared), or untied with tables that equal model.shared anyway."""
+    if settings.get("tie_word_embeddings", True):
+        return True
+    shared = tensors.get(_BART_SHARED)
+    return all(name not in tensors or (shared is not None and np.array_equal(tensors[name], shared))
+               for name in _BART_STACK_TABLES)
+
+
+def _ignored_by(model: Module):
+    """The predicate of the checkpoint tensors `model` does not read (besides those it expects)."""
+    if not isinstance(model, EncoderDecoder):
+        return lambda name: bool(_IGNORED.search(name))
+    # tied, the stacks' tables and lm_head are copies of model.shared; with a table per stack, model.shared is unread
+    unread = {"lm_head.weight", *_BART_STACK_TABLES} if model.shared is not None else {_BART_SHARED}
+    return lambda name: name in unread
 
 
 def _state_from(tensors: dict[str, np.ndarray], model: Module, folder: Path) -> dict[str, np.ndarray]:
@@ -243,11 +283,7 @@ def _state_from(tensors: dict[str, np.ndarray], model: Module, folder: Path) -> 
         if isinstance(theirs, tuple):
             rows = own[ours].shape[0] // len(theirs)  # fused tensors are made of equal parts
             expected.update({name: (rows, *own[ours].shape[1:]) for name in theirs})
-    # Some BART checkpoints store the tied lm_head too; transformers ignores it as well.
-    check_weights_fit(folder, tensors, expected, lambda name: bool(_IGNORED.search(name)) or (
-        name == "lm_head.weight" and isinstance(model, EncoderDecoder)))
-    if isinstance(model, EncoderDecoder):
-        _check_embedding_copies(tensors, folder)
+    check_weights_fit(folder, tensors, expected, _ignored_by(model))
     state = {}
     for ours, theirs in names.items():
         if isinstance(theirs, tuple):
@@ -257,16 +293,6 @@ def _state_from(tensors: dict[str, np.ndarray], model: Module, folder: Path) -> 
         if isinstance(tied_to, str):
             state[ours] = state[tied_to]
     return state
-
-
-def _check_embedding_copies(tensors: dict[str, np.ndarray], folder: Path) -> None:
-    """BART's encoder and decoder read their own embed_tokens tables, which transformers ties to model.shared unless
-    tie_word_embeddings is false; tinytf has the one table, so a checkpoint's copies must equal it."""
-    different = [name for name in _BART_EMBEDDING_COPIES
-                 if name in tensors and not np.array_equal(tensors[name], tensors["model.shared.weight"])]
-    if different:
-        raise CheckpointError(f"{folder}: {', '.join(different)} differ from model.shared.weight; tinytf's encoder "
-                              "and decoder share one token embedding table")
 
 
 # --- saving -----------------------------------------------------------------------------------------------------------
@@ -291,8 +317,12 @@ def save_pretrained(model: BertOrBart, path) -> Path:
             name = f"model.{stack}.embed_positions.weight"
             tensors[name] = _bart_position_table(tensors[name], model.config.position_offset)
     if isinstance(model, EncoderDecoder) and not model.config.tie_word_embeddings:
-        # transformers ties the stacks' tables to model.shared only together with lm_head: untied, it reads them.
-        tensors.update(dict.fromkeys(_BART_EMBEDDING_COPIES, tensors["model.shared.weight"]))
+        # transformers ties the stacks' tables to model.shared only together with lm_head: untied, it reads them,
+        # and keeps model.shared, unread, as the input embeddings it reports.
+        if model.shared is not None:
+            tensors.update(dict.fromkeys(_BART_STACK_TABLES, tensors[_BART_SHARED]))
+        else:
+            tensors[_BART_SHARED] = tensors[_BART_STACK_TABLES[0]]
     return write_folder(Path(path), tensors, hf_config)
 
 
@@ -319,6 +349,9 @@ def _bart_entries(config: EncoderDecoderConfig) -> dict:
     different = {key: getattr(config, key) for key, value in expected.items() if getattr(config, key) != value}
     if different:
         raise ValueError(f"save_pretrained: BART has {expected}; this model has {different}")
+    if config.tie_word_embeddings and not config.share_embeddings:
+        raise ValueError("save_pretrained: BART ties lm_head to one token table for both stacks; this model has a "
+                         "table per stack (share_embeddings=False) with tie_word_embeddings=True")
     return {
         "architectures": ["BartForConditionalGeneration"], "model_type": "bart", "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_positions, "d_model": config.d_model,
@@ -329,7 +362,8 @@ def _bart_entries(config: EncoderDecoderConfig) -> dict:
         "scale_embedding": config.scale_embedding, "tie_word_embeddings": config.tie_word_embeddings,
         "pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id, "decoder_start_token_id": config.decoder_start_token_id,
-        "forced_bos_token_id": None, "forced_eos_token_id": None, "is_encoder_decoder": True,
+        "forced_bos_token_id": config.forced_bos_token_id, "forced_eos_token_id": config.forced_eos_token_id,
+        "is_encoder_decoder": True,
     }
 
 

@@ -59,12 +59,15 @@ class EncoderDecoderConfig:
     scale_embedding: bool = False  # token embeddings times sqrt(d_model)
     layernorm_embedding: bool = True  # a LayerNorm after the embeddings (BART)
     final_norm: bool = False  # a LayerNorm after each stack's last block (pre-norm)
-    tie_word_embeddings: bool = True  # lm_head's weight is the shared embedding table
+    share_embeddings: bool = True  # one token table for both stacks (BART's shared); False: one table each
+    tie_word_embeddings: bool = True  # lm_head's weight is the decoder's token table
     norm_eps: float = 1e-5
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
     decoder_start_token_id: int = 2
+    forced_bos_token_id: int | None = None  # generate makes it the first token (BART's generation setting)
+    forced_eos_token_id: int | None = None  # and this one the last, at max_new_tokens
 
     def __post_init__(self):
         check_positive_ints(self, ("vocab_size", "max_positions", "d_model", "n_head", "encoder_layers",
@@ -75,7 +78,10 @@ class EncoderDecoderConfig:
         if not isinstance(self.position_offset, int) or self.position_offset < 0:
             raise ValueError(f"EncoderDecoderConfig.position_offset must be an integer >= 0, got "
                              f"{self.position_offset!r}")
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                    "forced_eos_token_id"):
+            if key.startswith("forced") and getattr(self, key) is None:
+                continue
             if not 0 <= getattr(self, key) < self.vocab_size:
                 raise ValueError(f"EncoderDecoderConfig.{key} must be a token id below vocab_size={self.vocab_size}, "
                                  f"got {getattr(self, key)!r}")
@@ -88,12 +94,14 @@ class TransformerStack(Module):
     """One side of the model, encoder or decoder: positions added to token embeddings, layernorm_embedding (or
     None), drop, blocks (EncoderBlocks; DecoderBlocks with cross_attn and cross_norm when cross=True), final_norm (or
     None). Positions: embed_positions (an Embedding of max_positions + position_offset rows) when learned, else
-    None and a buffer position_table (sinusoidal). The token embeddings belong to the model (shared)."""
+    None and a buffer position_table (sinusoidal). embed_tokens: the stack's own token table, or None where the
+    model's `shared` serves both stacks (share_embeddings)."""
 
     def __init__(self, config: EncoderDecoderConfig, n_layer: int, cross: bool):
         super().__init__()
         self.config = config
         C, rows = config.d_model, config.max_positions + config.position_offset
+        self.embed_tokens = None if config.share_embeddings else Embedding(config.vocab_size, C)
         self.embed_positions = Embedding(rows, C) if config.positions == "learned" else None
         if config.positions == "sinusoidal":
             self.register_buffer("position_table", F.sinusoidal_table(rows, C), persistent=False)
@@ -156,35 +164,40 @@ class TransformerStack(Module):
 
 
 class EncoderDecoder(Module):
-    """BART / the Transformer. Modules: shared (the token embeddings of both stacks), encoder and decoder
-    (TransformerStack), lm_head (Linear without bias, its weight shared's when tie_word_embeddings); buffer
-    final_logits_bias (1, vocab_size), added to the logits (BART's; zeros)."""
+    """BART / the Transformer. Modules: shared (the token embeddings of both stacks; None without
+    share_embeddings, when each stack has its embed_tokens), encoder and decoder (TransformerStack), lm_head (Linear
+    without bias, its weight the decoder's token table when tie_word_embeddings); buffer final_logits_bias
+    (1, vocab_size), added to the logits (BART's; zeros)."""
 
     def __init__(self, config: EncoderDecoderConfig):
         super().__init__()
         self.config = config
-        self.shared = Embedding(config.vocab_size, config.d_model)
+        self.shared = Embedding(config.vocab_size, config.d_model) if config.share_embeddings else None
         self.encoder = TransformerStack(config, config.encoder_layers, cross=False)
         self.decoder = TransformerStack(config, config.decoder_layers, cross=True)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.shared.weight
+            self.lm_head.weight = self.token_table(self.decoder).weight
         self.register_buffer("final_logits_bias", np.zeros((1, config.vocab_size), dtype=np.float32))
         init_bert_style(self)
 
     # --- forward ------------------------------------------------------------------------------------------------
+    def token_table(self, stack: TransformerStack) -> Embedding:
+        """The token embeddings `stack` (self.encoder or self.decoder) reads."""
+        return self.shared if self.shared is not None else stack.embed_tokens
+
     def _embedding_scale(self) -> float:
         return math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
 
-    def _tokens(self, ids) -> Tensor:
-        """Token ids (B, T) -> their scaled embeddings (B, T, C)."""
-        x = self.shared(ids)
+    def _tokens(self, ids, stack: TransformerStack) -> Tensor:
+        """Token ids (B, T) -> their scaled embeddings (B, T, C) in `stack`'s table."""
+        x = self.token_table(stack)(ids)
         return x * self._embedding_scale() if self.config.scale_embedding else x
 
     def encode(self, src_ids, src_padding_mask=None) -> Tensor:
         """Source ids (B, S), padding mask (B, S) bool (True = a token; None: all are) -> the encoder's output
         (B, S, C)."""
-        return self.encoder(self._tokens(self._ids(src_ids, "src_ids")), src_padding_mask)
+        return self.encoder(self._tokens(self._ids(src_ids, "src_ids"), self.encoder), src_padding_mask)
 
     def contexts(self, memory: Tensor, src_padding_mask=None) -> list[ContextKV]:
         """Each decoder layer's cross-attention keys and values of the encoder's output (B, S, C)."""
@@ -192,7 +205,7 @@ class EncoderDecoder(Module):
 
     def decode_hidden(self, tgt_ids, contexts: list[ContextKV], tgt_padding_mask=None) -> Tensor:
         """Target ids (B, T) read against the sources' contexts -> the decoder's hidden states (B, T, C)."""
-        return self.decoder(self._tokens(self._ids(tgt_ids, "tgt_ids")), tgt_padding_mask, contexts)
+        return self.decoder(self._tokens(self._ids(tgt_ids, "tgt_ids"), self.decoder), tgt_padding_mask, contexts)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden) + Tensor(self.final_logits_bias)
@@ -214,7 +227,7 @@ class EncoderDecoder(Module):
         return logits, F.cross_entropy(logits_float, targets.reshape(-1), ignore_index=self.config.pad_token_id)
 
     def _ids(self, ids, name: str):
-        return checked_ids(ids, self.shared.weight.device, f"EncoderDecoder: {name}")
+        return checked_ids(ids, self.lm_head.weight.device, f"EncoderDecoder: {name}")
 
     # --- generation ---------------------------------------------------------------------------------------------
     def padded_sources(self, sources) -> tuple[np.ndarray, np.ndarray]:
@@ -235,9 +248,9 @@ class EncoderDecoder(Module):
         """The logits (B, vocab_size), an array, after one new target token per row, ids (B,) on the host, whose
         self-attention keys and values are appended to kv_caches: decode_hidden and logits with T = 1 in inference
         on raw arrays (TransformerStack.decode)."""
-        device = self.shared.weight.device
+        device = self.lm_head.weight.device
         with backend.device_scope(device):
-            x = self.shared.weight.data[backend.to_device(ids, device)]  # (B, C)
+            x = self.token_table(self.decoder).weight.data[backend.to_device(ids, device)]  # (B, C)
             if self.config.scale_embedding:
                 x = x * x.dtype.type(self._embedding_scale())
             x = self.decoder.decode(x, kv_caches[0].length, kv_caches, contexts, layouts)
@@ -255,7 +268,11 @@ class EncoderDecoder(Module):
         temperature 0 is greedy; otherwise sampling with top_k / top_p and rng. num_beams (an int) chooses beam
         search with length_penalty and early_stopping (models.beam), returning each source's num_return_sequences best
         sequences, source after source, best first. use_cache=False recomputes the decoder over the
-        whole prefix at each step (the reference the cache is tested against)."""
+        whole prefix at each step (the reference the cache is tested against).
+
+        config.forced_bos_token_id and forced_eos_token_id (when not None) force the first token and the token at
+        step max_new_tokens, as transformers' ForcedBOS/ForcedEOSTokenLogitsProcessor do: every other token's logit
+        becomes -inf and the forced one's 0 (in beam search, a forced step adds nothing to a beam's score)."""
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= self.config.max_positions:
             raise ValueError(f"EncoderDecoder.generate: max_new_tokens must be an integer in [1, max_positions="
                              f"{self.config.max_positions}], got {max_new_tokens!r}")
@@ -266,10 +283,10 @@ class EncoderDecoder(Module):
         was_training = self.training
         self.eval()
         try:
-            device = self.shared.weight.device
-            mask = backend.to_device(src_mask, device)
+            mask = backend.to_device(src_mask, self.lm_head.weight.device)
             contexts = self.contexts(self.encode(src_ids, mask), mask)
-            decoder = _IncrementalDecoder(self, contexts, max_new_tokens, use_cache)
+            forced = self._forced_tokens(max_new_tokens)
+            decoder = _IncrementalDecoder(self, contexts, max_new_tokens, use_cache, forced)
             if num_beams is not None:
                 start = np.full(len(src_ids), self.config.decoder_start_token_id, dtype=np.int64)
                 sequences, _ = beam_search(decoder.advance(start), decoder.advance, decoder.reorder, max_new_tokens,
@@ -278,6 +295,16 @@ class EncoderDecoder(Module):
             return self._sample(decoder, len(src_ids), max_new_tokens, temperature, top_k, top_p, rng, eos)
         finally:
             self.train(was_training)
+
+    def _forced_tokens(self, max_new_tokens: int) -> dict[int, int]:
+        """{step: the token generate forces there}; EOS after BOS, so EOS wins where both fall on step 0, as in
+        transformers' order of the two processors."""
+        forced = {}
+        if self.config.forced_bos_token_id is not None:
+            forced[0] = self.config.forced_bos_token_id
+        if self.config.forced_eos_token_id is not None:
+            forced[max_new_tokens - 1] = self.config.forced_eos_token_id
+        return forced
 
     def _sample(self, decoder: _IncrementalDecoder, batch_size: int, max_new_tokens: int, temperature: float,
                 top_k, top_p, rng, eos: int) -> list[np.ndarray]:
@@ -299,11 +326,13 @@ class EncoderDecoder(Module):
 
 class _IncrementalDecoder:
     """The decoder's state during generation, one row per sequence: the cross-attention contexts (ContextKV per
-    layer), and the self-attention KV caches (use_cache) or the target so far (recomputed at each step)."""
+    layer), the self-attention KV caches (use_cache) or the target so far (recomputed at each step), and the tokens
+    forced at some steps ({step: token id}; step 0 is the first generated token)."""
 
-    def __init__(self, model: EncoderDecoder, contexts: list[ContextKV], max_length: int, use_cache: bool):
-        self.model, self.contexts = model, contexts
-        config, weight = model.config, model.shared.weight
+    def __init__(self, model: EncoderDecoder, contexts: list[ContextKV], max_length: int, use_cache: bool,
+                 forced: dict[int, int]):
+        self.model, self.contexts, self.forced = model, contexts, forced
+        config, weight = model.config, model.lm_head.weight
         batch_size, head_dim = contexts[0].keys.shape[0], config.d_model // config.n_head
         self.kv_caches = [KVCache(batch_size, config.n_head, max_length, head_dim, weight.dtype, weight.device)
                           for _ in range(config.decoder_layers)] if use_cache else None
@@ -314,16 +343,25 @@ class _IncrementalDecoder:
         """Feed one token per row, ids (B,) -> the next token's logits (B, vocab_size), an array."""
         self.prefix = np.concatenate([self.prefix, ids[:, None]], axis=1)
         if self.kv_caches is not None:
-            return self.model.decode_step(ids, self.kv_caches, self.contexts, self.layouts)
-        return self.model.logits(self.model.decode_hidden(self.prefix, self.contexts)[:, -1]).data
+            logits = self.model.decode_step(ids, self.kv_caches, self.contexts, self.layouts)
+        else:
+            logits = self.model.logits(self.model.decode_hidden(self.prefix, self.contexts)[:, -1]).data
+        forced = self.forced.get(self.prefix.shape[1] - 1)
+        if forced is None:
+            return logits
+        with backend.device_scope(self.model.lm_head.weight.device):
+            only = backend.get_array_module(logits).full_like(logits, -np.inf)
+            only[:, forced] = 0
+        return only
 
     def reorder(self, rows: np.ndarray) -> None:
         """Row i becomes a copy of row rows[i]: the prefix, the KV caches and the contexts (beam search)."""
         self.prefix = self.prefix[rows]
         for kv_cache in self.kv_caches or ():
             kv_cache.reorder(rows)
-        on_device = backend.to_device(rows, self.model.shared.weight.device)
-        with backend.device_scope(self.model.shared.weight.device):
+        device = self.model.lm_head.weight.device
+        on_device = backend.to_device(rows, device)
+        with backend.device_scope(device):
             self.contexts = [ContextKV(Tensor(context.keys.data[on_device]), Tensor(context.values.data[on_device]),
                                        None if context.key_padding_mask is None
                                        else context.key_padding_mask[on_device])

@@ -744,7 +744,8 @@ class ElementwiseKernel:
         bound = [*zip(self.out_params, args[self.nin:]), *zip(self.in_params, args[:self.nin])]
         for (_, type_name, name), arg in bound:
             if isinstance(arg, ndarray):
-                expected = types.setdefault(type_name, arg.dtype) if _is_placeholder(type_name) else _np.dtype(type_name)
+                placeholder = _is_placeholder(type_name)
+                expected = types.setdefault(type_name, arg.dtype) if placeholder else _np.dtype(type_name)
                 if arg.dtype != expected:
                     raise TypeError(f"Type is mismatched. {name} {arg.dtype} {expected}")
         for (_, type_name, _), arg in zip(self.in_params, args):
