@@ -11,6 +11,7 @@ import tinytf.functional as F
 from tinytf import backend
 from tinytf.functional.activation import (
     elu,
+    erf_series,
     gelu_tanh_study_backward,
     gelu_tanh_study_forward,
     hardswish,
@@ -226,6 +227,25 @@ def test_softmax_rejects_axis_out_of_range():
 def test_erf_has_double_precision():
     x = np.linspace(-8, 8, 4001)
     np.testing.assert_allclose(F.erf(x), _erf(x), rtol=0, atol=1e-14)  # a few float64 ulps of values near 1
+    np.testing.assert_allclose(erf_series(x), _erf(x), rtol=0, atol=1e-14)  # the study version too
+
+
+def test_erf_of_float32_is_within_an_ulp_of_one_and_of_edge_values():
+    x = np.linspace(-6, 6, 120001).astype(np.float32)
+    error = np.abs(F.erf(x).astype(np.float64) - _erf(x.astype(np.float64)))
+    assert F.erf(x).dtype == np.float32 and error.max() <= np.finfo(np.float32).eps
+    for dtype in (np.float32, np.float64):
+        edges = F.erf(np.array([np.inf, -np.inf, np.nan, 0.0, -0.0], dtype=dtype))
+        np.testing.assert_array_equal(edges, [1, -1, np.nan, 0, 0])
+
+
+def test_erf_on_a_device_equals_the_host(device):
+    x = np.random.default_rng(0).normal(0, 2, 1000)
+    for dtype in (np.float32, np.float64):
+        with backend.device_scope(backend.canonical_device(device)):  # CuPy computes on the current device
+            on_device = F.erf(backend.to_device(x.astype(dtype), device))
+        np.testing.assert_allclose(backend.to_numpy(on_device), F.erf(x.astype(dtype)), rtol=0,
+                                   atol=4 * np.finfo(dtype).eps)
 
 
 def _masked_softmax(x, keep, scale):
