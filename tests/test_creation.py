@@ -12,6 +12,9 @@ def test_tensor_dtypes_follow_pytorch():
     assert tinytf.tensor([True]).dtype == np.bool_
     assert tinytf.tensor(np.ones(2)).dtype == np.float64
     assert tinytf.tensor([1, 2], dtype="float64").dtype == np.float64
+    # a Python float asked for in float64 keeps its 53 bits, not float32's 24 (PyTorch's behaviour)
+    assert tinytf.tensor(0.8813735870195432, dtype=tinytf.float64).item() == 0.8813735870195432
+    assert tinytf.tensor([0.1], dtype="float16").item() == np.float16(0.1)  # rounded once, to float16
 
 
 def test_tensor_copies_its_input():

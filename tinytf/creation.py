@@ -46,7 +46,7 @@ def tensor(data, dtype=None, requires_grad: bool = False, device: str = "cpu") -
             array = data.copy() if not isinstance(data, np.generic) else np.asarray(data)
         else:
             array = np.array(data)
-            if array.dtype == np.float64:
+            if array.dtype == np.float64 and dtype is None:  # with a dtype given, _finish rounds once, to it
                 array = array.astype(backend.DEFAULT_DTYPE)
         if array.dtype == object or (array.dtype.kind in "USV" and not backend.is_floating(array.dtype)):
             raise TypeError(
