@@ -27,7 +27,7 @@ LAYERS = [
     ["tinytf.nn"],
     ["tinytf.models"],
     ["tinytf.optim", "tinytf.tokenization", "tinytf.data", "tinytf.checkpoint"],
-    ["tinytf.interop", "tinytf.distributed"],
+    ["tinytf.interop", "tinytf.distributed", "tinytf.viz"],
     ["tinytf.cli"],
     ["tinytf.train", "tinytf.sample", "tinytf.seq2seq", "tinytf.gpu_check"],
 ]

@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 
 import tinytf.sample as sample_module
@@ -72,3 +73,39 @@ def test_several_prompts_generate_as_one_batch_each_as_alone(checkpoint):
     alone = [_sample(checkpoint, "--prompt", prompt, "--max-new-tokens", 8, "--temperature", 0) for prompt in prompts]
     assert batch == sample_module.SEPARATOR.join(alone)
     assert all(len(text) == len(prompt) + 8 + 1 for text, prompt in zip(alone, prompts))
+
+
+def test_attention_map_of_the_first_sample(checkpoint, tmp_path, monkeypatch):
+    """--attention-map draws the maps of the first sample's prompt and continuation, cut to the block size (16)."""
+    drawn = []
+    monkeypatch.setattr(sample_module, "plot_attention", lambda maps, tokens, path: drawn.append((maps, tokens, path)))
+    text = _sample(checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", 5, "--num-samples", 2, "--attention-map",
+                   tmp_path / "map.png")
+    first = text.split(sample_module.SEPARATOR)[0][:-1]  # the first sample, without the newline after it
+    ((maps, tokens, path),) = drawn
+    assert tokens == list(first) and maps.shape == (1, 1, 2, 11, 11) and path == tmp_path / "map.png"
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+    text = _sample(checkpoint, "--prompt", "good night, good night!", "--prompt", "J", "--max-new-tokens", 3,
+                   "--temperature", 0, "--attention-map", tmp_path / "batch.png")
+    first = text.split(sample_module.SEPARATOR)[0][:-1]  # the first prompt's row of the batch: 23 + 3 characters
+    maps, tokens, _ = drawn[1]
+    assert len(first) == 26 and tokens == list(first[-16:]) and maps.shape == (1, 1, 2, 16, 16)
+
+
+def test_attention_map_is_a_png_file(checkpoint, tmp_path, capsys):
+    assert sample_module.main(["--ckpt", str(checkpoint), "--prompt", "JULIET:", "--max-new-tokens", "4",
+                               "--attention-map", str(tmp_path / "map.png")]) == 0
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"attention map: {tmp_path / 'map.png'}" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["map.png"]  # written through a temporary file, none left
+
+
+def test_attention_map_errors_come_before_sampling(checkpoint, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    for path, message in [(tmp_path / "map.svg", "ending in .png"), (tmp_path / "folder.png", "is a folder"),
+                          (tmp_path / "nowhere" / "map.png", "does not exist")]:
+        assert sample_module.main(["--ckpt", str(checkpoint), "--prompt", "ROMEO:", "--attention-map",
+                                   str(path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("tinytf.sample: error: --attention-map ") and message in err
+        assert err.count("\n") == 1

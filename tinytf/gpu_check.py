@@ -18,8 +18,10 @@ cut short still leaves what it found:
 Time: the sections share --time-limit (420 s). Each has a cap (tests 240 s, each training run 90 s, the benchmark
 150 s, 60 s with --quick) and never takes the minimum promised to the sections after it (45 s per training run, 30 s
 for the benchmark). A subprocess past its time gets Ctrl-C (pytest then writes the results so far, tinytf.train a
-checkpoint) and is killed 15 s later, so a whole run stays under 8 minutes. None of these times has been measured:
-no machine of this project has had a GPU.
+checkpoint) and is killed 15 s later, so a whole run stays under 8 minutes. Measured once, on an H100 (2026-12-05,
+`--test-workers 8 --test-timeout 200 --train-iters 100 --bench-budget 90`): the whole run took 259 s; the tests
+reached 350 of the 493 selected in 200 s (CuPy compiles each elementwise kernel on first use, per process), the
+benchmark finished all 96 cases in its 90 s.
 """
 
 from __future__ import annotations

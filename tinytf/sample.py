@@ -5,7 +5,8 @@ The prompt is encoded, and the text decoded, with the tokenizer the run was trai
 Or from a local Hugging Face model folder (GPT-2 or Llama, with its tokenizer.json): `--model DIR`.
 Text streams out as it is generated; the KV cache keeps each step to one new token. Several --prompt options are
 generated together as one batch (prompts of different lengths included) and each continuation is printed when the
-batch is done.
+batch is done. --attention-map FILE.png draws the attention weights of every layer and head over the first sample's
+text (tinytf.viz.plot_attention).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .checkpoint import CheckpointError
 from .cli import UserError, command_line, load_trained_model
 from .interop import from_pretrained
 from .tokenization import HuggingFaceTokenizer
+from .viz.plots import attention_maps, checked_png_path, plot_attention
 
 SEPARATOR = "---------------\n"  # between samples, and between the prompts of a batch
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step")
+    parser.add_argument("--attention-map", type=Path, default=None, metavar="FILE.png",
+                        help="draw the attention weights of every layer and head over the first sample (prompt and "
+                             "continuation, its last block_size tokens) to this PNG file (needs matplotlib)")
     return parser
 
 
@@ -59,6 +64,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.prompt is not None and not all(args.prompt):
         raise UserError("--prompt must not be empty")
+    if args.attention_map is not None:
+        try:
+            checked_png_path(args.attention_map)
+        except ValueError as error:
+            raise UserError(f"--attention-map {error}") from None
 
 
 def sample(args: argparse.Namespace, out=None) -> None:
@@ -77,13 +87,31 @@ def sample(args: argparse.Namespace, out=None) -> None:
         if index:
             out.write(SEPARATOR)
         if len(prompts) == 1:
-            stream_continuation(args, model, tokenizer, texts[0], prompts[0], rng, out)
-            continue
-        batch = model.generate(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               use_cache=not args.no_cache, rng=rng)
-        for number, (prompt, prompt_ids, ids) in enumerate(zip(texts, prompts, batch)):
-            continuation = tokenizer.decode(ids.tolist())[len(tokenizer.decode(prompt_ids)):]
-            out.write((SEPARATOR if number else "") + prompt + continuation + "\n")
+            ids = stream_continuation(args, model, tokenizer, texts[0], prompts[0], rng, out)
+        else:
+            batch = model.generate(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                   use_cache=not args.no_cache, rng=rng)
+            for number, (prompt, prompt_ids, row) in enumerate(zip(texts, prompts, batch)):
+                continuation = tokenizer.decode(row.tolist())[len(tokenizer.decode(prompt_ids)):]
+                out.write((SEPARATOR if number else "") + prompt + continuation + "\n")
+            ids = batch[0].tolist()
+        if index == 0:
+            first_sample = ids
+    if args.attention_map is not None:
+        write_attention_map(model, tokenizer, first_sample, args.attention_map)
+
+
+def write_attention_map(model, tokenizer, ids: list[int], path: Path) -> None:
+    """Draw the attention maps of the last block_size tokens of `ids` (one forward pass) to the PNG file `path`."""
+    ids = ids[-model.config.block_size :]
+    maps = attention_maps(model, np.asarray(ids)[None, :])  # (n_layer, 1, H, T, T)
+    try:
+        plot_attention(maps, [tokenizer.decode([token]) for token in ids], path)
+    except ImportError as error:
+        raise UserError(f"--attention-map: {error}") from None
+    except OSError as error:
+        raise UserError(f"cannot write --attention-map {path}: {error.strerror or error}") from None
+    print(f"attention map: {path}", file=sys.stderr)
 
 
 def encoded_prompt(text: str, tokenizer, block_size: int) -> np.ndarray:
@@ -100,8 +128,9 @@ def encoded_prompt(text: str, tokenizer, block_size: int) -> np.ndarray:
     return prompt_ids
 
 
-def stream_continuation(args: argparse.Namespace, model, tokenizer, prompt: str, prompt_ids, rng, out) -> None:
-    """Write the prompt and its continuation as the tokens come."""
+def stream_continuation(args: argparse.Namespace, model, tokenizer, prompt: str, prompt_ids, rng,
+                        out) -> list[int]:
+    """Write the prompt and its continuation as the tokens come; returns their token ids."""
     out.write(prompt)
     ids, shown = list(prompt_ids), tokenizer.decode(prompt_ids)
     for next_ids in model.stream(prompt_ids[None, :], args.max_new_tokens, args.temperature, args.top_k,
@@ -115,6 +144,7 @@ def stream_continuation(args: argparse.Namespace, model, tokenizer, prompt: str,
             out.flush()
             shown = text
     out.write(tokenizer.decode(ids)[len(shown):] + "\n")
+    return ids
 
 
 def load_model(args: argparse.Namespace, device: str):

@@ -51,6 +51,37 @@ class enable_grad(_GradMode):
     enabled = True
 
 
+# While `record_modules()` is active: the Modules whose calls are running, outermost first; None otherwise.
+_module_calls: tuple | None = None
+
+
+@contextlib.contextmanager
+def record_modules():
+    """While active, each Function that joins the graph inside a Module call keeps `module_calls`: the Modules whose
+    calls were running, outermost first (tinytf.viz groups a graph's ops by module with it)."""
+    global _module_calls
+    previous, _module_calls = _module_calls, ()
+    try:
+        yield
+    finally:
+        _module_calls = previous
+
+
+def recording_modules() -> bool:
+    return _module_calls is not None
+
+
+@contextlib.contextmanager
+def module_call(module):
+    """Module.__call__ runs forward inside this while `record_modules()` is active."""
+    global _module_calls
+    outer, _module_calls = _module_calls, _module_calls + (module,)
+    try:
+        yield
+    finally:
+        _module_calls = outer
+
+
 class Function:
     """One differentiable op: `forward` on raw arrays, `backward` beside it.
 
@@ -63,6 +94,7 @@ class Function:
     inputs: tuple[Tensor, ...] = ()
     saved_tensors: tuple = ()
     needs_input_grad: tuple[bool, ...] = ()
+    module_calls: tuple = ()  # set only under record_modules()
     _released = False
     # The subclass to run instead when an input is float16 or bfloat16 (set by functional.common.computes_in_float32
     # on ops that accumulate): it computes in float32 and rounds once.
@@ -102,6 +134,8 @@ class Function:
             if True in needs:
                 function.needs_input_grad, function.inputs = needs, inputs
                 output.requires_grad, output._creator = True, function
+                if _module_calls:
+                    function.module_calls = _module_calls
         return output
 
     def release(self) -> None:

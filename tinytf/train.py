@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
-import io
 import json
 import math
 import shlex
@@ -64,6 +63,7 @@ from .nn import skip_init
 from .optim import AdamW, GradScaler, clip_grad_norm_, lr_at, weight_decay_groups
 from .tensor import no_grad
 from .tokenization import Tokenizer, tokenizer_from_spec
+from .viz import plot_loss_curves
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "dropout", "bias", "mlp_hidden")
 # Options a resumed run takes from its checkpoint unless given again on the command line.
@@ -938,31 +938,18 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def plot_losses(metrics_path: Path, image_path: Path) -> None:
+    """loss.png of the run (tinytf.viz.plot_loss_curves); a missing matplotlib or an unwritable file costs only the
+    picture, never the run."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plot_loss_curves(metrics_path, image_path)
     except ImportError:
         print("loss curve: matplotlib is not installed, skipping loss.png (pip install 'tinytf[plot]')")
         return
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line]
-    iters = [r["iter"] for r in records]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot(iters, [r["train_loss"] for r in records], label="train")
-    axes.plot(iters, [r["val_loss"] for r in records], label="val")
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("cross-entropy (nats/char)")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    image = io.BytesIO()
-    figure.savefig(image, format="png", dpi=100)
-    plt.close(figure)
-    try:
-        write_atomic(image_path, image.getvalue())
-    except OSError as error:  # the run itself is saved; only the picture is missing
+    except OSError as error:
         print(f"loss curve: cannot write {image_path}: {describe_os_error(error)}", file=sys.stderr)
+        return
+    except ValueError as error:  # a metrics.jsonl that another program wrote into
+        print(f"loss curve: skipping {image_path}: {error}", file=sys.stderr)
         return
     print(f"loss curve: {image_path}")
 

@@ -41,9 +41,14 @@ HOST_SIDE_MODULES = {
     "models/beam.py": "scores the beams on a host copy of each step's logits (B * num_beams, vocab)",
     "kernels/emulator/__init__.py": "the emulator runs kernels on NumPy arrays: the CPU is its device",
     "attention/varlen.py": "cu_seqlens and position ids are read on the host: they set the loop over the sequences",
+    "viz/graph.py": "lays out and draws the graph on the host; gradient norms of host copies (backend.to_numpy)",
+    "viz/plots.py": "stacks host copies of the recorded weights (backend.to_numpy) and draws them",
 }
 
 ALLOWED_CALLS = {
+    ("functional/activation.py", "cos"): "erf's Chebyshev nodes, fitted once at import on the host",
+    ("functional/activation.py", "arange"): "erf's Chebyshev nodes, fitted once at import on the host",
+    ("functional/activation.py", "polynomial.chebyshev.chebfit"): "erf's coefficients, fitted once at import",
     ("creation.py", "array"): "builds tensors from Python data on the host, then moves them",
     ("creation.py", "asarray"): "the dtype of a Python fill value",
     ("tensor.py", "array2string"): "repr formats a host copy (self.numpy())",

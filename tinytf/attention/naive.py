@@ -38,11 +38,34 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
     xp = get_array_module(q.data)
     B, Hq, T, D = q.shape
     _, Hkv, S, _ = k.shape
+    compute = np.result_type(q.dtype, np.float32)
+    weights = attention_probabilities(q, k, attn_mask, is_causal, scale, window=window, softcap=softcap,
+                                      alibi_slopes=alibi_slopes)  # (B, Hkv, G*T, S)
+    if dropout_p > 0 and dropout_seed is None:
+        weights = F.dropout(weights, dropout_p)
+    elif dropout_p > 0:
+        batch_heads = dropout_first_batch * Hq + xp.arange(B * Hq)  # b * Hq + h, the counter's word 2
+        kept = dropout_keep(dropout_seed, dropout_offset, batch_heads[:, None, None], xp.arange(T)[None, :, None],
+                            xp.arange(S)[None, None, :], dropout_p, xp)
+        kept_scaled = xp.where(kept, compute.type(1 / (1 - dropout_p)), compute.type(0))  # (B*Hq, T, S)
+        weights = weights * Tensor(kept_scaled.reshape(B, Hkv, weights.shape[2], S))
+    return F.cast((weights @ F.cast(v, compute)).reshape(B, Hq, T, D), q.dtype)
+
+
+def attention_probabilities(q: Tensor, k: Tensor, attn_mask=None, is_causal: bool = False,
+                            scale: float | None = None, *, window=None, softcap: float | None = None,
+                            alibi_slopes=None) -> Tensor:
+    """The attention weights before dropout, softmax(q k^T * scale, softcapped, + ALiBi, masked), of q (B, Hq, T, D)
+    over k (B, Hkv, S, D) -> (B, Hkv, G*T, S), G = Hq // Hkv, in float32 at least: query head h = j G + g (the G
+    consecutive heads that read K/V head j) is rows g T .. g T + T - 1 of head j. Rows that see no key are zeros.
+    The arguments as naive_attention's."""
+    xp = get_array_module(q.data)
+    B, Hq, T, D = q.shape
+    _, Hkv, S, _ = k.shape
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     window = normalized_window(window, is_causal)
-    out_dtype = q.dtype
     compute = np.result_type(q.dtype, np.float32)
-    q, k, v = (F.cast(x, compute) for x in (q, k, v))
+    q, k = (F.cast(x, compute) for x in (q, k))
     # Grouped-query attention: the G query heads that share a K/V head (consecutive heads) become G * T query rows
     # of that head, so K and V are used as they are, never repeated, and their gradients sum over the group.
     G = Hq // Hkv
@@ -71,13 +94,4 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None, is_causal: 
             else:
                 scores, scale = scores * scale + Tensor(grouped.astype(compute, copy=False)), 1.0
     # A row that keeps no key is all zeros after the softmax (no NaN), so rows without a key give O = 0.
-    weights = F.masked_softmax(scores, keep, scale)
-    if dropout_p > 0 and dropout_seed is None:
-        weights = F.dropout(weights, dropout_p)
-    elif dropout_p > 0:
-        batch_heads = dropout_first_batch * Hq + xp.arange(B * Hq)  # b * Hq + h, the counter's word 2
-        kept = dropout_keep(dropout_seed, dropout_offset, batch_heads[:, None, None], xp.arange(T)[None, :, None],
-                            xp.arange(S)[None, None, :], dropout_p, xp)
-        kept_scaled = xp.where(kept, compute.type(1 / (1 - dropout_p)), compute.type(0))  # (B*Hq, T, S)
-        weights = weights * Tensor(kept_scaled.reshape(B, Hkv, G * T, S))
-    return F.cast((weights @ v).reshape(B, Hq, T, D), out_dtype)
+    return F.masked_softmax(scores, keep, scale)

@@ -4,6 +4,7 @@ keys and values come from an encoder's output, computed once per source (Context
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from .. import backend
 from ..attention.masks import softcapped
-from ..tensor import Tensor, array_of
+from ..attention.naive import attention_probabilities
+from ..tensor import Tensor, array_of, no_grad
 from . import functional as F
 from .kv_cache import KVCache
 from .layers import DecodeLayouts, Dropout, Linear
@@ -34,6 +36,37 @@ def _softmax_rows(scores, scale: float, softcap: float | None = None, bias=None)
     xp.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return scores
+
+
+# The list that MultiHeadAttention.forward appends its attention weights to, while record_attention_weights is active;
+# None otherwise, so that forward pays one global lookup when nothing records.
+_recorded_weights: list | None = None
+
+
+@contextlib.contextmanager
+def record_attention_weights():
+    """While active, each MultiHeadAttention.forward (not the packed rows of position_ids, not decode) appends its
+    attention weights (B, H, T, S), an array in float32 at least, to the list this yields, in call order: one per
+    layer of a decoder. They are computed apart from the layer's output (attention_weights), which stays the same."""
+    global _recorded_weights
+    previous, _recorded_weights = _recorded_weights, []
+    try:
+        yield _recorded_weights
+    finally:
+        _recorded_weights = previous
+
+
+def attention_weights(q, k, attn_mask=None, is_causal: bool = False, scale: float = 1.0, *, window=None,
+                      softcap: float | None = None):
+    """The attention weights P (B, Hq, T, S), an array in float32 at least, of queries q (B, Hq, T, D) over keys k
+    (B, Hkv, S, D), arrays, as scaled_dot_product_attention defines them: the naive backend's weights before dropout
+    (attention.naive.attention_probabilities), query head h reading K/V head h // (Hq // Hkv); zeros in a row that
+    sees no key. attn_mask: bool, broadcastable to (B, Hq, T, S)."""
+    B, Hq, T, _ = q.shape
+    with no_grad():
+        weights = attention_probabilities(Tensor(q), Tensor(k), attn_mask, is_causal, scale, window=window,
+                                          softcap=softcap)  # (B, Hkv, G*T, S)
+    return weights.data.reshape(B, Hq, T, -1)
 
 
 class ContextKV(NamedTuple):
@@ -166,8 +199,12 @@ class MultiHeadAttention(Module):
         attn_mask = None
         if key_padding_mask is not None:  # (B, S) -> (B, 1, 1, S): key padding, which the tiled backends take
             attn_mask = _checked_key_padding_mask(key_padding_mask, B, k.shape[2], x.device)[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=self.causal,
-                                           **self._attention_options())  # (B, H, T, D)
+        options = self._attention_options()
+        if _recorded_weights is not None:
+            with backend.device_scope(x.device):
+                _recorded_weights.append(attention_weights(q.data, k.data, attn_mask, self.causal, options["scale"],
+                                                           window=options["window"], softcap=options["softcap"]))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=self.causal, **options)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
         return self.resid_dropout(self.c_proj(y))
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .. import backend
-from ..tensor import Tensor, array_of
+from ..tensor import Tensor, array_of, module_call, recording_modules
 
 _init_skipped = False
 
@@ -74,7 +74,10 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} has no forward()")
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        if not recording_modules():
+            return self.forward(*args, **kwargs)
+        with module_call(self):
+            return self.forward(*args, **kwargs)
 
     # --- traversal ----------------------------------------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:

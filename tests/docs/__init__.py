@@ -1,0 +1,1 @@
+"""The Markdown collector and the tests that run every code block of README.md and docs/."""
