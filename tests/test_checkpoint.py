@@ -369,6 +369,12 @@ def test_a_lock_held_by_another_process_is_refused_and_a_killed_holders_lock_is_
     finally:
         holder.kill()
     assert (tmp_path / checkpoint.LOCK_NAME).exists()  # left behind by the killed holder: stale
+    (tmp_path / ".loss.png.0123abcd.tmp").write_bytes(b"half a picture")  # a write the kill interrupted
+    (tmp_path / "notes.0123abcd.tmp").write_bytes(b"not write_atomic's name")
     with checkpoint.FolderLock(tmp_path) as lock:
         assert lock.locked and lock.stale_holder["pid"] == holder.pid
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted([checkpoint.LOCK_NAME, "notes.0123abcd.tmp"])
     assert not (tmp_path / checkpoint.LOCK_NAME).exists()
+    (tmp_path / ".loss.png.0123abcd.tmp").write_bytes(b"")
+    with checkpoint.FolderLock(tmp_path) as lock:  # not stale: a temporary file may be another writer's
+        assert lock.stale_holder is None and (tmp_path / ".loss.png.0123abcd.tmp").exists()

@@ -55,6 +55,7 @@ ARRAY_MARKER = "$array"
 _OWN_NAME = r"(weights|optimizer)-[0-9a-f]{8}\.(safetensors|json)"
 _OWN_FILE = re.compile(rf"^{_OWN_NAME}$")
 _TEMPORARY_FILE = re.compile(rf"^\.({_OWN_NAME}|checkpoint\.json)\.[0-9a-f]{{8}}\.tmp$")
+_INTERRUPTED_WRITE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # write_atomic's temporary name of any file
 LOCK_NAME = "run.lock"
 # safetensors' dtype names -> NumPy's; safetensors.numpy's own table lacks BF16, which ml_dtypes gives NumPy.
 SAFETENSORS_DTYPES = {
@@ -91,6 +92,15 @@ def write_atomic(path, payload: bytes) -> None:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def remove_interrupted_writes(folder) -> None:
+    """Delete the temporary files that write_atomic leaves in `folder` when its process is killed mid-write (kill -9
+    skips its cleanup). Only the folder's new owner may call it, after a killed one (FolderLock does, taking over a
+    stale lock): another process's write in progress would lose its file."""
+    for entry in Path(folder).iterdir():
+        if _INTERRUPTED_WRITE.match(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -276,7 +286,8 @@ class FolderLock:
 
     The lock is the kernel's advisory flock on `folder/run.lock`, which the kernel releases when its holder ends in
     any way, kill -9 included: a lock file left behind by a killed process is stale by construction and the next
-    owner takes it over (`stale_holder` then says whose it was). The file records the holder, for the message that a
+    owner takes it over (`stale_holder` then says whose it was) and removes the temporary files of the writes the
+    killed holder left unfinished (remove_interrupted_writes). The file records the holder, for the message that a
     second process gets. The folder is created if missing, and on release the folders created for it are removed
     again if they are still empty. Where the platform or the filesystem has no such locks, `locked` is False and
     nothing is locked.
@@ -304,6 +315,8 @@ class FolderLock:
         if self._descriptor is not None:
             self.locked = True
             self.stale_holder = _read_holder(self._descriptor)
+            if self.stale_holder is not None:  # its holder was killed: its interrupted writes are garbage
+                remove_interrupted_writes(self.folder)
             holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode("utf-8")
             os.ftruncate(self._descriptor, 0)
