@@ -221,3 +221,18 @@ def test_ops_and_backward_run_on_the_tensors_own_device(device):
     assert y.device == x.device == backend.canonical_device(device)
     expected = 2 * np.exp(2 * np.arange(6.0).reshape(2, 3)) / np.exp(2 * np.arange(6.0)).sum()
     np.testing.assert_allclose(tinytf.Tensor(x.grad).numpy(), expected)
+
+
+def test_a_backward_returning_a_misshaped_gradient_is_named_with_its_input():
+    class Halved(tinytf.Function):
+        def forward(self, a):
+            return a * 0.5
+
+        def backward(self, grad):
+            return grad.sum(axis=0, keepdims=True) * 0.5  # (1, 3) for its (2, 3) input: the sum is wrong here
+
+    x = tinytf.randn(2, 3, requires_grad=True)
+    y = x * 1.0  # an input inside the graph, not a leaf: its gradient would flow on before reaching one
+    with pytest.raises(RuntimeError, match=r"Halved.backward returned a gradient of shape \(1, 3\) for its input 0 "
+                                           r"of shape \(2, 3\)"):
+        Halved.apply(y).sum().backward()

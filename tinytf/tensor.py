@@ -295,6 +295,8 @@ class Tensor:
                 input_grads = (input_grads,)
             for parent, parent_grad in zip(creator.inputs, input_grads):
                 if parent_grad is not None and parent.requires_grad:
+                    if parent_grad.shape != parent.shape:
+                        raise _misshaped_gradient(creator, parent, parent_grad)
                     grads.add(parent, parent_grad)
             if not retain_graph:
                 creator.release()
@@ -415,6 +417,15 @@ class GradientSums:
         dtype = xp.result_type(total.values if isinstance(total, SliceGrad) else total, values)
         # xp.array, not astype: ops on 0-d arrays return NumPy scalars, which cannot be added into
         return total.dense(dtype) if isinstance(total, SliceGrad) else xp.array(total, dtype=dtype, copy=True)
+
+
+def _misshaped_gradient(function: Function, parent: Tensor, grad) -> RuntimeError:
+    """The error for a backward that returned a gradient whose shape is not its input's (a broadcast input's
+    gradient must be summed back to the input's shape: functional.common.sum_to)."""
+    index = next(i for i, input_ in enumerate(function.inputs) if input_ is parent)
+    return RuntimeError(f"{type(function).__name__}.backward returned a gradient of shape {tuple(grad.shape)} for "
+                        f"its input {index} of shape {parent.shape}; a broadcast input's gradient must be summed back "
+                        "to its shape (sum_to)")
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:
