@@ -295,7 +295,7 @@ class Tensor:
                 input_grads = (input_grads,)
             for parent, parent_grad in zip(creator.inputs, input_grads):
                 if parent_grad is not None and parent.requires_grad:
-                    if parent_grad.shape != parent.shape:
+                    if parent_grad.shape != parent.data.shape:
                         raise _misshaped_gradient(creator, parent, parent_grad)
                     grads.add(parent, parent_grad)
             if not retain_graph:
