@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import tinytf
-from tinytf import backend
+from tinytf import backend, optim
 from tinytf.checkpoint import load_checkpoint, save_checkpoint
+from tinytf.functional import common, expression
 from tinytf.optim import SGD, AdamW, GradScaler, clip_grad_norm_, lr_at, weight_decay_groups
 
 # Each parameter pulls towards its own target: grad = p - target, so the gradients depend on the updates so far.
@@ -110,6 +111,43 @@ def test_parameter_groups_take_their_own_options():
     rest = _adamw_reference(initial[1:], targets[1:], 1, 0.01, (0.9, 0.999), 1e-8, 0.01)
     for param, value in zip(params, first + rest):
         np.testing.assert_allclose(param.data, value, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_steps_all_parameters_in_one_call_bit_identically_to_one_call_each(dtype, monkeypatch):
+    # Tiny blocks and two threads: the parameters' blocks cross and are shared out between the threads. Two groups,
+    # a strided (transposed) parameter, and one that misses a step (its own bias corrections).
+    monkeypatch.setattr(common, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(expression, "get_num_threads", lambda: 2)
+    rng = np.random.default_rng(5)
+    values = [rng.standard_normal(shape).astype(dtype) for shape in [(40, 9), (7,), (13, 11), (300,)]]
+    values[2] = np.asfortranarray(values[2])
+    params = [tinytf.tensor(value.copy(), requires_grad=True) for value in values]
+    params[2].data = values[2].copy(order="F")  # a transposed weight's layout
+    optimizer = AdamW([{"params": params[:2], "lr": 0.05, "weight_decay": 0.3}, {"params": params[2:]}], lr=0.01,
+                      betas=(0.8, 0.9))
+    expected = [value.copy(order="K") for value in values]
+    moments = [(np.zeros_like(value), np.zeros_like(value)) for value in values]
+    steps = [0] * len(values)
+    options = [(0.05, 0.3)] * 2 + [(0.01, 0.01)] * 2
+    for step in range(3):
+        grads = [rng.standard_normal(value.shape).astype(dtype) for value in values]
+        for index, (param, grad) in enumerate(zip(params, grads)):
+            param.grad = None if (step, index) == (1, 3) else grad
+            if param.grad is None:
+                continue
+            steps[index] += 1
+            lr, weight_decay = options[index]
+            optim.ADAMW_UPDATE(grad, out=(*moments[index], expected[index]), lr=lr, weight_decay=weight_decay,
+                               beta1=0.8, beta2=0.9, eps=1e-8, bias_correction1=1.0 - 0.8 ** steps[index],
+                               bias_correction2=1.0 - 0.9 ** steps[index])
+        optimizer.step()
+    assert [optimizer.state[id(p)]["step"] for p in params] == [3, 3, 3, 2]
+    for param, value, (m, v) in zip(params, expected, moments):
+        state = optimizer.state[id(param)]
+        np.testing.assert_array_equal(param.data, value)
+        np.testing.assert_array_equal(state["exp_avg"], m)
+        np.testing.assert_array_equal(state["exp_avg_sq"], v)
 
 
 # --- SGD --------------------------------------------------------------------------------------------------------------

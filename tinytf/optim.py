@@ -1,8 +1,9 @@
 """Optimizers (SGD, AdamW), gradient clipping, dynamic loss scaling and nanoGPT's warmup + cosine schedule.
 
-The updates are PyTorch's, formula for formula, and run in place on each parameter's array (NumPy or CuPy) with
-`out=` ufuncs. State arrays are allocated once, on a parameter's first step; the intermediate results of a step go to
-one scratch buffer shared by all parameters, so a step allocates next to nothing.
+The updates are PyTorch's, formula for formula, and run in place on each parameter's array (NumPy or CuPy): SGD's
+with `out=` ufuncs into one scratch buffer shared by all parameters, AdamW's as one fused expression over all the
+parameters of a step (ElementwiseExpression.foreach). State arrays are allocated once, on a parameter's first step, so
+a step allocates next to nothing.
 
 Mixed precision: a bfloat16 or float16 parameter is updated through a float32 master copy kept in its state
 ("master"), with float32 optimizer state; the parameter then takes the master's value rounded to nearest even. An
@@ -23,7 +24,8 @@ from .tensor import Tensor
 
 
 class Optimizer:
-    """Parameter groups and state bookkeeping; subclasses write `_update` (one parameter's step) and `_check`.
+    """Parameter groups and state bookkeeping; subclasses write `_check` and `_update` (one parameter's step) or
+    `_update_all` (every parameter of a step, together).
 
     `param_groups` is a list of dicts: "params" (a list of Tensors) and the options of that group, which default to
     the optimizer's own (`defaults`). Change `group["lr"]` to schedule the learning rate.
@@ -80,32 +82,41 @@ class Optimizer:
         """Update the array `param` in place from `grad`, creating `state` on the first step."""
         raise NotImplementedError
 
+    def _update_all(self, updates: list[tuple]) -> None:
+        """_update for each (param, grad, state, group) of a step; a subclass may update them together instead."""
+        for param, grad, state, group in updates:
+            with device_scope(device_of(param)):
+                self._update(param, grad, state, group)
+
     def zero_grad(self) -> None:
         for group in self.param_groups:
             for param in group["params"]:
                 param.grad = None
 
     def step(self) -> None:
-        """Update every parameter that has a gradient; parameters whose grad is None are left alone."""
+        """Update every parameter that has a gradient; parameters whose grad is None are left alone.
+
+        A bfloat16/float16 parameter steps its float32 master copy in its state (made on the first step from the
+        parameter's value), and then takes the master's value rounded to nearest even, in place."""
+        updates, low_precision = [], []
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
-                    with device_scope(param.device):  # the state and scratch arrays go where the parameter is
-                        state = self.state.setdefault(id(param), {})
-                        if is_half(param.data.dtype):
-                            self._update_through_master(param, state, group)
-                        else:
-                            self._update(param.data, param.grad, state, group)
-
-    def _update_through_master(self, param: Tensor, state: dict, group: dict) -> None:
-        """One step of a bfloat16/float16 parameter, taken on its float32 master copy (made on the first step from
-        the parameter's value); the parameter then takes the master's value rounded to nearest even, in place."""
-        xp = get_array_module(param.data)
-        master = state.get(self.master_key)
-        if master is None:
-            master = state[self.master_key] = param.data.astype(xp.float32)
-        self._update(master, _at_least_float32(xp, param.grad), state, group)
-        param.data[...] = master  # the cast rounds to nearest even, as astype does
+                    state = self.state.setdefault(id(param), {})
+                    if is_half(param.data.dtype):
+                        xp = get_array_module(param.data)
+                        with device_scope(param.device):  # the master copy goes where the parameter is
+                            master = state.get(self.master_key)
+                            if master is None:
+                                master = state[self.master_key] = param.data.astype(xp.float32)
+                            updates.append((master, _at_least_float32(xp, param.grad), state, group))
+                        low_precision.append((param, master))
+                    else:
+                        updates.append((param.data, param.grad, state, group))
+        self._update_all(updates)
+        for param, master in low_precision:
+            with device_scope(param.device):
+                param.data[...] = master  # the cast rounds to nearest even, as astype does
 
     def _scratch_like(self, array):
         """A scratch array of `array`'s shape, dtype and device: a view into one buffer per (device, dtype)."""
@@ -263,16 +274,29 @@ class AdamW(Optimizer):
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
-    def _update(self, param, grad, state: dict, group: dict) -> None:
-        xp = get_array_module(param)
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        beta1, beta2 = group["betas"]
-        if "step" not in state:  # the state may hold a master copy already
-            state.update(step=0, exp_avg=xp.zeros_like(param), exp_avg_sq=xp.zeros_like(param))
-        state["step"] += 1
-        ADAMW_UPDATE(grad, out=(state["exp_avg"], state["exp_avg_sq"], param), lr=lr, weight_decay=weight_decay,
-                     beta1=beta1, beta2=beta2, eps=eps, bias_correction1=1.0 - beta1 ** state["step"],
-                     bias_correction2=1.0 - beta2 ** state["step"])
+    def _update_all(self, updates: list[tuple]) -> None:
+        """All the parameters of a step through ADAMW_UPDATE.foreach, one call per group, device, dtype and step
+        count (which sets the bias corrections; a group's parameters share it unless some missed steps without a
+        gradient): one call shares the blocks of all the parameters out to the worker threads, where a call per
+        parameter leaves the second core idle on every small one and pays the call's checks each time."""
+        batches: dict[tuple, tuple[dict, list]] = {}
+        for param, grad, state, group in updates:
+            device = device_of(param)
+            if "step" not in state:  # the state may hold a master copy already
+                with device_scope(device):
+                    xp = get_array_module(param)
+                    state.update(step=0, exp_avg=xp.zeros_like(param), exp_avg_sq=xp.zeros_like(param))
+            state["step"] += 1
+            key = (id(group), device, param.dtype, state["step"])
+            batches.setdefault(key, (group, []))[1].append((param, grad, state))
+        for (_, device, _, step), (group, batch) in batches.items():
+            beta1, beta2 = group["betas"]
+            with device_scope(device):
+                ADAMW_UPDATE.foreach([(grad,) for _, grad, _ in batch],
+                                     [(state["exp_avg"], state["exp_avg_sq"], param) for param, _, state in batch],
+                                     lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+                                     eps=group["eps"], bias_correction1=1.0 - beta1 ** step,
+                                     bias_correction2=1.0 - beta2 ** step)
 
 
 class GradScaler:

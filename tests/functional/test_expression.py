@@ -9,7 +9,7 @@ import pytest
 from devices import DEVICES_AND_SECOND_GPU
 
 from tinytf import backend, optim
-from tinytf.functional import activation, expression
+from tinytf.functional import activation, expression, rotary
 from tinytf.functional.expression import ElementwiseExpression
 
 # Locals, constants, per-call scalars, every function and operator, a comparison, and an output read by a later
@@ -28,7 +28,7 @@ MOMENTUM = ElementwiseExpression("momentum", """
 
 DEFINED = [activation.GELU_TANH_FORWARD, activation.GELU_TANH_BACKWARD, activation.SILU_FORWARD,
            activation.SILU_BACKWARD, activation.SWIGLU_FORWARD, activation.SWIGLU_BACKWARD,
-           activation.DROPOUT_FORWARD, optim.ADAMW_UPDATE, MIXED, MOMENTUM]
+           activation.DROPOUT_FORWARD, optim.ADAMW_UPDATE, rotary.ROTATE, MIXED, MOMENTUM]
 
 
 def mixed_reference(x, y, scale, shift):
@@ -174,3 +174,85 @@ def test_constants_fold_once_per_call():
     assert len(program.scalars) == 4
     assert math.isclose(eval(program.scalars[slot[1]], {"FUNCTIONS": expression.FUNCTIONS}),
                         math.sqrt(2 / math.pi) * 0.044715)
+
+
+# (x's shape, y's shape): tables against (B, H, T, D), packed rows (total, 1, D), decode (B, 1, 1, D), row statistics
+# (N, 1), and an x that broadcasts too
+BROADCASTS = [((2, 3, 5, 8), (5, 8)), ((5, 3, 8), (5, 1, 8)), ((2, 3, 1, 8), (2, 1, 1, 8)), ((7, 6), (7, 1)),
+              ((1, 6), (4, 1)), ((3, 1, 8), ())]
+
+
+@pytest.mark.parametrize("x_shape, y_shape", BROADCASTS)
+def test_inputs_broadcast_to_the_outputs_shape(evaluator, x_shape, y_shape):
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal(x_shape), rng.standard_normal(y_shape)
+    z, w = MIXED(x, y, scale=1.5, shift=2.0)
+    z_ref, w_ref = mixed_reference(x, y, 1.5, 2.0)
+    assert z.shape == w.shape == np.broadcast_shapes(x_shape, y_shape)
+    np.testing.assert_allclose(z, z_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_may_be_views_read_backwards_and_outputs_views_of_one_array(evaluator):
+    # RoPE's layout: x (..., 2, D/2) with the halves swapped as a view, the output written through a strided view
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 2, 5))
+    table = rng.standard_normal((3, 2, 5))
+    out = np.zeros((4, 3, 2, 10))
+    z, w = MIXED(x[..., ::-1, :], table, out=(out[..., :5], out[..., 5:]), scale=0.5, shift=1.0)
+    z_ref, w_ref = mixed_reference(x[..., ::-1, :], table, 0.5, 1.0)
+    np.testing.assert_allclose(out, np.concatenate([z_ref, w_ref], axis=-1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="broadcast"):
+        MIXED(x, table[:2], scale=1.0, shift=1.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        MIXED(x[:1], x, out=(np.empty((1, 3, 2, 5)), np.empty((1, 3, 2, 5))), scale=1.0, shift=1.0)
+
+
+def test_blocks_follow_the_memory_of_the_outputs():
+    # A transposed parameter's update walks its memory as one flat run (not column by column); a table broadcast
+    # along the leading axes merges them into one; RoPE's swapped halves keep their own axis.
+    g, m = np.ones((30, 40)).T, np.zeros((30, 40)).T
+    assert [view.shape for view in expression._merged([g, m])] == [(1200,), (1200,)]
+    x, table = np.ones((2, 3, 5, 2, 4)), np.broadcast_to(np.ones((5, 2, 4)), (2, 3, 5, 2, 4))
+    merged = expression._merged([x[..., ::-1, :], table, np.empty_like(x)])  # inputs, then the output
+    assert [view.shape for view in merged] == [(6, 5, 2, 4)] * 3 and merged[1].strides[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_foreach_is_one_call_each_bit_for_bit(evaluator, dtype, monkeypatch):
+    monkeypatch.setattr(expression, "get_num_threads", lambda: 2)  # the blocks shared out between two threads
+    rng = np.random.default_rng(7)
+    shapes = [(40, 9), (7,), (1,), (0, 3), (13, 11), (300,)]
+    grads = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    states = [tuple(rng.standard_normal(shape).astype(dtype) for _ in range(2)) for shape in shapes]
+    states[4] = tuple(np.asfortranarray(state) for state in states[4])  # strided outputs
+    expected = [tuple(state.copy(order="K") for state in pair) for pair in states]
+    for grad, pair in zip(grads, expected):
+        MOMENTUM(grad, out=pair, beta=0.9, lr=0.125)
+    MOMENTUM.foreach([(grad,) for grad in grads], states, beta=0.9, lr=0.125)
+    for pair, pair_ref in zip(states, expected):
+        for array, reference in zip(pair, pair_ref):
+            np.testing.assert_array_equal(array, reference)
+    with pytest.raises(ValueError, match="one dtype"):
+        MOMENTUM.foreach([(grads[1],), (grads[1].astype(np.float16),)],
+                         [states[1], tuple(state.astype(np.float16) for state in states[1])], beta=0.9, lr=0.1)
+
+
+@pytest.mark.parametrize("device", [device for device in DEVICES_AND_SECOND_GPU if device != "cpu"])
+def test_cuda_kernel_broadcasts_and_runs_foreach(device):
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal((2, 3, 4, 8)), rng.standard_normal((4, 8))
+    grads = [rng.standard_normal(shape) for shape in [(5,), (3, 4)]]
+    states = [(rng.standard_normal(g.shape), rng.standard_normal(g.shape)) for g in grads]
+    with backend.device_scope(backend.canonical_device(device)):
+        x_gpu = backend.to_device(x.reshape(2, 3, 4, 2, 4), device)[..., ::-1, :].reshape(2, 3, 4, 8)
+        z, w = MIXED(x_gpu, backend.to_device(y, device), scale=1.5, shift=2.0)
+        on_device = [tuple(backend.to_device(array, device) for array in pair) for pair in states]
+        MOMENTUM.foreach([(backend.to_device(g, device),) for g in grads], on_device, beta=0.5, lr=0.25)
+    z_ref, w_ref = mixed_reference(x.reshape(2, 3, 4, 2, 4)[..., ::-1, :].reshape(2, 3, 4, 8), y, 1.5, 2.0)
+    np.testing.assert_allclose(backend.to_numpy(z), z_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(w), w_ref, rtol=1e-12, atol=1e-12)
+    for grad, (m, p), (m_gpu, p_gpu) in zip(grads, states, on_device):
+        m_ref = m * 0.5 + grad
+        np.testing.assert_allclose(backend.to_numpy(m_gpu), m_ref, rtol=1e-12)
+        np.testing.assert_allclose(backend.to_numpy(p_gpu), p - m_ref * 0.25, rtol=1e-12, atol=1e-12)

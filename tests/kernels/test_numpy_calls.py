@@ -80,6 +80,8 @@ ALLOWED_CALLS = {
     ("functional/expression.py", "array"): "the NumPy program's scalar slots: CuPy arrays run the ElementwiseKernel",
     ("functional/expression.py", "empty"): "the NumPy program's block registers: CuPy arrays run the ElementwiseKernel",
     ("functional/expression.py", "empty_like"): "numexpr's locals: numexpr takes only host arrays",
+    ("functional/expression.py", "broadcast_to"): "the NumPy program's broadcast inputs: CuPy arrays run the "
+                                                  "ElementwiseKernel, which broadcasts them itself",
     **{("functional/pooling.py", name): "window counts and interpolation matrices are built on the host from the "
        "sizes alone, then moved to the device"
        for name in ("arange", "minimum", "maximum", "floor", "zeros", "outer", "add.at")},

@@ -11,17 +11,20 @@ numbers, the names of inputs, outputs, locals, constants and scalars, and the fu
 once (Python's `ast`) into one tree, from which three evaluators are generated:
 - NumPy (the CPU default): the tree as a program of ufunc calls with out=, into a few block-sized scratch buffers
   (a small register allocation: an intermediate reuses the buffer of its operand); the program runs over one
-  cache-sized block of elements at a time (common.row_blocks), so every pass reads the L2 cache, not memory.
+  cache-sized block of elements at a time (common.BLOCK_BYTES), so every pass reads the L2 cache, not memory.
 - numexpr, when installed and selected with use_numexpr(True): each assignment printed as a numexpr string.
   Off by default: numexpr's transcendentals are scalar libm calls, slower than NumPy's SIMD ufuncs (bench/NOTES.md).
 - CuPy: the whole source printed as CUDA C, one cupy.ElementwiseKernel per expression and dtype, made once.
 An output that the source reads before it assigns it is updated in place (an optimizer's moments): the caller
-passes it. The others are allocated, or written into arrays passed as out=.
+passes it. The others are allocated, or written into arrays passed as out=. Inputs broadcast to the outputs' shape
+(a RoPE table (T, D) against x (B, H, T, D), a row statistic (N, 1) against (N, C)), and any array may be strided.
+`foreach` runs one expression over many sets of arrays in one call (AdamW over all of a model's parameters).
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import re
 import textwrap
@@ -29,7 +32,8 @@ import textwrap
 import numpy as np
 
 from .. import backend
-from .common import map_row_blocks
+from ..threads import get_num_threads, run_on_workers
+from . import common
 
 try:
     import numexpr
@@ -152,7 +156,7 @@ class _Program:
     scratch buffer reused by every block, ("scalar", k) for a value of scalars and constants computed once per call."""
 
     def __init__(self, statements, names: dict[str, str]):
-        self.names = [name for name, role in names.items() if role in ("input", "output")]
+        self.names = [name for name, role in names.items() if role in ("input", "output")]  # inputs, then outputs
         self.scalars: list[object] = []  # compiled Python expressions, ("scalar", k) is the k-th
         self.calls: list[tuple] = []  # (ufunc, operand slots, out slot)
         self.n_registers = 0
@@ -218,24 +222,104 @@ class _Program:
                   for ufunc, operands, out in self.calls]
         return "\n".join(lines) + "\n"
 
-    def run(self, arrays: dict, scalars: dict) -> None:
-        """Run over the flat arrays (all of one size), one cache-sized block of elements at a time; the blocks are
-        shared out in contiguous runs to the worker threads (common.map_row_blocks), each with its own registers."""
+    def run(self, calls: list[list], scalars: dict) -> None:
+        """Run over `calls`, each the arrays of one call in the order of self.names, all of one shape (a broadcast
+        input viewed through broadcast_to, with zero strides): the blocks of every call, one cache-sized block at a
+        time, as one list shared out in contiguous runs to the worker threads (_map_block_runs), each thread with
+        its own registers."""
         if self._block is None:
             namespace = {"np": np}
             exec(compile(self.source, "<elementwise expression>", "exec"), namespace)
             self._block = namespace["block"]
-        flat = [arrays[name] for name in self.names]
-        values = self._scalar_values(scalars, flat[0].dtype)
+        dtype = calls[0][0].dtype
+        values = self._scalar_values(scalars, dtype)
 
-        def run_blocks(run: list[slice]) -> None:
-            width = run[0].stop - run[0].start
-            registers = [np.empty(width, dtype=flat[0].dtype) for _ in range(self.n_registers)]
-            for rows in run:
-                size = rows.stop - rows.start
-                self._block(*[array[rows] for array in flat], *[register[:size] for register in registers], *values)
+        def run_blocks(run: list[tuple]) -> None:
+            largest = max(math.prod(shape) for _, _, shape in run)
+            registers = [np.empty(largest, dtype=dtype) for _ in range(self.n_registers)]
+            for arrays, index, shape in run:
+                size = math.prod(shape)
+                views = [register[:size] for register in registers]
+                if len(shape) > 1:
+                    views = [view.reshape(shape) for view in views]
+                self._block(*[array[index] for array in arrays], *views, *values)
 
-        map_row_blocks(run_blocks, flat[0])
+        _map_block_runs(run_blocks, [block for arrays in calls for block in _blocks(arrays)], dtype.itemsize)
+
+
+def _merged(arrays: list) -> list:
+    """Views of `arrays` (all of one shape, the last an output) with the fewest axes: the arrays flat when all are
+    contiguous (the common case, checked first), else in the output's memory order with each two neighbouring axes
+    merged where every array steps through them as one (nditer's coalescing), so that a block is a few long runs of
+    elements, not many short ones."""
+    if all(array.flags.c_contiguous for array in arrays):
+        return [array.reshape(-1) for array in arrays]
+    # the largest step first, so that a block is one part of the output's memory (a transposed parameter's update
+    # would walk it column by column otherwise)
+    last = arrays[-1].strides
+    order = sorted(range(len(last)), key=lambda axis: -abs(last[axis]))
+    if order != list(range(len(order))):
+        arrays = [array.transpose(order) for array in arrays]
+    shape, strides = [], [[] for _ in arrays]
+    for axis, size in enumerate(arrays[0].shape):
+        if size == 1:
+            continue
+        if shape and all(steps[-1] == array.strides[axis] * size for steps, array in zip(strides, arrays)):
+            shape[-1] *= size
+            for steps, array in zip(strides, arrays):
+                steps[-1] = array.strides[axis]
+            continue
+        shape.append(size)
+        for steps, array in zip(strides, arrays):
+            steps.append(array.strides[axis])
+    return [array.reshape(shape or (1,), copy=False) for array in arrays]
+
+
+def _blocks(arrays: list) -> list[tuple]:
+    """[(arrays, index, block shape)]: the arrays (all of one shape) cut into blocks of about common.BLOCK_BYTES,
+    each array[index] a view. A block is a range of rows along the first axis whose rows fit in a block, one index
+    of each axis before it: a row of a (B, H, T, D) array that is too large becomes blocks of (rows, T, D)."""
+    arrays = _merged(arrays)
+    shape, itemsize = arrays[0].shape, arrays[0].dtype.itemsize
+    split, row_bytes = 0, itemsize * math.prod(shape[1:])
+    while row_bytes > common.BLOCK_BYTES and split < len(shape) - 1:
+        split += 1
+        row_bytes //= shape[split]
+    rows, inner = shape[split], shape[split + 1:]
+    per_block = max(1, common.BLOCK_BYTES // row_bytes)
+    if split == 0:  # the common case: slices of the first axis
+        return [(arrays, slice(start, start + per_block), (min(per_block, rows - start), *inner))
+                for start in range(0, rows, per_block)]
+    return [(arrays, (*outer, slice(start, start + per_block)), (min(per_block, rows - start), *inner))
+            for outer in itertools.product(*map(range, shape[:split])) for start in range(0, rows, per_block)]
+
+
+def _map_block_runs(work, blocks: list[tuple], itemsize: int) -> None:
+    """work(run) for runs of consecutive `blocks` of about equal size, one run per thread (threads.run_on_workers),
+    so that each thread streams its own part of memory. A thread must get common.MIN_BLOCKS_PER_THREAD blocks'
+    worth of elements, or handing work to the pool costs more than the second core saves."""
+    if len(blocks) <= 1:  # the common case of small arrays, without the pool's bookkeeping
+        if blocks:
+            work(blocks)
+        return
+    sizes = [math.prod(shape) for _, _, shape in blocks]
+    total = sum(sizes)
+    worth = -(-total * itemsize // common.BLOCK_BYTES)
+    n_threads = min(get_num_threads(), worth // common.MIN_BLOCKS_PER_THREAD) or 1
+    if n_threads == 1:
+        work(blocks)
+        return
+    runs, start, done = [], 0, 0
+    for end, size in enumerate(sizes, 1):
+        done += size
+        if done * n_threads >= total * (len(runs) + 1):
+            runs.append(blocks[start:end])
+            start = end
+    run_on_workers(work, runs, n_threads)
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    return len(shape) <= len(target) and all(size in (1, whole) for size, whole in zip(shape[::-1], target[::-1]))
 
 
 # --- the expression ----------------------------------------------------------------------------------------------
@@ -245,7 +329,8 @@ class ElementwiseExpression:
     """One fused elementwise op, stated once. inputs: the names of the arrays it reads; outputs: those it writes
     (an output read before it is assigned is updated in place); scalars: per-call numbers, passed by keyword;
     constants: numbers fixed at definition. Called as expression(*inputs, out=None, **scalars) -> the outputs
-    (one array, or a tuple of them); all arrays have one shape and one floating dtype."""
+    (one array, or a tuple of them); all arrays have one floating dtype, the outputs one shape, to which the inputs
+    broadcast."""
 
     def __init__(self, name: str, source: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
                  scalars: tuple[str, ...] = (), constants: dict[str, float] | None = None):
@@ -270,33 +355,66 @@ class ElementwiseExpression:
         self._kernels: dict[np.dtype, object] = {}
 
     def __call__(self, *inputs, out=None, **scalars):
-        if len(inputs) != len(self.inputs) or set(scalars) != set(self.scalars):
+        if set(scalars) != set(self.scalars):
             raise TypeError(f"{self.name} takes the arrays {self.inputs} and the scalars {self.scalars}")
-        xp = backend.get_array_module(*inputs)
-        shape, dtype = inputs[0].shape, inputs[0].dtype
+        out = self._checked(inputs, out)
+        if backend.is_cupy_array(out[0]):
+            self._cuda_kernel(out[0].dtype)(*inputs, *[out[0].dtype.type(scalars[name]) for name in self.scalars],
+                                            *out)
+        elif _numexpr_selected:
+            self._run_numexpr(inputs, out, scalars)
+        else:
+            self.program.run([self._host_arrays(inputs, out)], scalars)
+        return out if len(out) > 1 else out[0]
+
+    def foreach(self, inputs: list[tuple], out: list[tuple], **scalars) -> None:
+        """The expression on many sets of arrays with the same scalars, as one call: inputs[k] and out[k] are the
+        arrays of the k-th (each set of one shape, the sets of one dtype). On the host the blocks of all the sets are
+        one list, shared out to the worker threads, where a call per set would leave the second core idle on every
+        small array (an optimizer's step over a model's parameters); on a GPU, one kernel per set."""
+        if set(scalars) != set(self.scalars) or len(inputs) != len(out):
+            raise TypeError(f"{self.name}.foreach takes a list of input tuples, a list as long of output tuples and "
+                            f"the scalars {self.scalars}")
+        checked = [self._checked(arrays, outputs) for arrays, outputs in zip(inputs, out)]
+        if not checked:
+            return
+        dtypes = {outputs[0].dtype for outputs in checked}
+        if len(dtypes) > 1:
+            raise ValueError(f"{self.name}.foreach: every array must have one dtype, got {sorted(map(str, dtypes))}")
+        if backend.is_cupy_array(checked[0][0]) or _numexpr_selected:
+            for arrays, outputs in zip(inputs, checked):
+                self(*arrays, out=outputs, **scalars)
+        else:
+            self.program.run([self._host_arrays(arrays, outputs) for arrays, outputs in zip(inputs, checked)],
+                             scalars)
+
+    def _checked(self, inputs: tuple, out) -> tuple:
+        """The outputs of a call as a tuple, allocated when not given; raises unless the inputs broadcast to the
+        outputs' shape and every array has their dtype."""
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"{self.name} takes the arrays {self.inputs} and the scalars {self.scalars}")
         if out is None:
             if self.updated:
                 raise TypeError(f"{self.name} updates {self.updated} in place: pass them in out=")
-            out = tuple(xp.empty(shape, dtype=dtype) for _ in self.outputs)
+            xp = backend.get_array_module(*inputs)
+            shape = np.broadcast_shapes(*[array.shape for array in inputs])
+            out = tuple(xp.empty(shape, dtype=inputs[0].dtype) for _ in self.outputs)
         out = out if isinstance(out, tuple) else (out,)
-        for array in (*inputs, *out):
+        shape, dtype = out[0].shape, out[0].dtype
+        for array in out:
             if array.shape != shape or array.dtype != dtype:
-                raise ValueError(f"{self.name}: every array must have shape {shape} and dtype {dtype}, "
+                raise ValueError(f"{self.name}: every output must have shape {shape} and dtype {dtype}, "
                                  f"got {array.shape} and {array.dtype}")
-        if backend.is_cupy_array(inputs[0]):
-            self._cuda_kernel(dtype)(*inputs, *[dtype.type(scalars[name]) for name in self.scalars], *out)
-            return out if len(out) > 1 else out[0]
-        # the host evaluators write flat views: a strided output (a transposed parameter) goes through a copy
-        work = tuple(xp.ascontiguousarray(array) for array in out)
-        if _numexpr_selected:
-            self._run_numexpr(inputs, work, scalars)
-        else:
-            arrays = dict(zip(self.inputs + self.outputs, [a.reshape(-1) for a in (*inputs, *work)]))
-            self.program.run(arrays, scalars)
-        for array, written in zip(out, work):
-            if written is not array:
-                array[...] = written
-        return out if len(out) > 1 else out[0]
+        for array in inputs:
+            if array.dtype != dtype or (array.shape != shape and not _broadcasts_to(array.shape, shape)):
+                raise ValueError(f"{self.name}: every input must broadcast to shape {shape} and have dtype {dtype}, "
+                                 f"got {array.shape} and {array.dtype}")
+        return out
+
+    def _host_arrays(self, inputs: tuple, out: tuple) -> list:
+        """The arrays of a call in the program's order, the inputs of another shape viewed as the outputs' shape."""
+        shape = out[0].shape
+        return [*(array if array.shape == shape else np.broadcast_to(array, shape) for array in inputs), *out]
 
     def cuda_source(self, dtype) -> tuple[str, str, str]:
         """(in_params, out_params, operation) of the cupy.ElementwiseKernel for `dtype` (float32 or float64)."""
@@ -339,12 +457,13 @@ class ElementwiseExpression:
         return self._kernels[dtype]
 
     def _run_numexpr(self, inputs, out, scalars) -> None:
-        dtype = inputs[0].dtype
+        """numexpr broadcasts the inputs and writes strided outputs itself."""
+        dtype = out[0].dtype
         statements, numbers = self.numexpr_source()
         values = {name: dtype.type(value) for name, value in scalars.items()}
         values.update((f"number_{i}", dtype.type(value)) for i, value in enumerate(numbers))
         values.update(zip(self.inputs + self.outputs, (*inputs, *out)))
         for target, text in statements:
             if target in self.locals and target not in values:
-                values[target] = np.empty_like(inputs[0])
+                values[target] = np.empty_like(out[0])
             numexpr.evaluate(text, local_dict=values, out=values[target], casting="same_kind")

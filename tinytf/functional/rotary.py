@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..tensor import Function, Tensor, array_of
+from .expression import ElementwiseExpression
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float = 10000.0, xp=None):
@@ -27,9 +28,9 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float = 10000.0, xp=
     return xp.cos(angles).astype(xp.float32), xp.sin(angles).astype(xp.float32)
 
 
-def _rotate(x, cos, sin):
+def rotate_study(x, cos, sin):
     """x * cos + rotate_half(x) * sin, with rotate_half(x1, x2) = (-x2, x1), updating the halves of x * cos in place
-    instead of building rotate_half(x)."""
+    instead of building rotate_half(x): the study version of `rotate`."""
     half = x.shape[-1] // 2
     out = x * cos
     first, second = out[..., :half], out[..., half:]
@@ -38,13 +39,42 @@ def _rotate(x, cos, sin):
     return out
 
 
+# rotate_half(x) * sin = swap(x) * signed_sin, where swap(x) = (x2, x1) exchanges the halves and signed_sin carries
+# the minus sign: the rotation is then one elementwise expression over x, swap(x) and the tables.
+ROTATE = ElementwiseExpression("rotate", "y = x * c + x_swapped * s", inputs=("x", "x_swapped", "c", "s"),
+                               outputs=("y",))
+# Smaller arrays take the study version: on the host its few ufunc calls cost less than the expression's setup, and
+# NumPy reads swap(x) in runs of D/2 elements, slow enough to use up the gain below this size (bench/NOTES.md); on a
+# GPU the fused kernel saves little there, as the signed table takes launches of its own.
+FUSED_MIN_BYTES = 512 * 1024
+
+
+def rotate(x, cos, sin):
+    """rotate_study(x, cos, sin), tuned, with the same float results for tables of x's dtype or narrower (a GPU may
+    fuse a multiply and an add); x (..., D), cos and sin broadcast to it. Tricks: one fused pass (ROTATE), in which
+    swap(x) is a view of x, not a copy (_halves_swapped), and the sign of rotate_half goes into a copy of the small
+    sin table; arrays below FUSED_MIN_BYTES take the study version."""
+    if x.nbytes < FUSED_MIN_BYTES:
+        return rotate_study(x, cos, sin)
+    xp = backend.get_array_module(x)
+    half = x.shape[-1] // 2
+    signed_sin = xp.concatenate([-sin[..., :half], sin[..., half:]], axis=-1)
+    split, swapped = _halves_swapped(x)
+    tables = [_halves_swapped(table.astype(x.dtype, copy=False))[0] for table in (cos, signed_sin)]
+    return ROTATE(split, swapped, *tables).reshape(x.shape)
+
+
+def _halves_swapped(x):
+    """x (..., D) as (..., 2, D/2), and the view of it with the halves exchanged (read backwards along the 2)."""
+    split = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    return split, split[..., ::-1, :]
+
+
 class Rotary(Function):
     def forward(self, x, cos, sin):
         """(..., T, D), cos and sin broadcast to it (T, D) -> (..., T, D), computed in float32 at least"""
-        xp = backend.get_array_module(x)
-        compute = x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
         self.tables = cos, sin
-        return _rotate(compute, cos, sin).astype(x.dtype, copy=False)
+        return rotate(_computed(x), cos, sin).astype(x.dtype, copy=False)
 
     def backward(self, grad):
         # The transposed rotation is the same rotation with the sin table's halves swapped and negated:
@@ -53,7 +83,13 @@ class Rotary(Function):
         half = sin.shape[-1] // 2
         xp = backend.get_array_module(grad)
         transposed_sin = -xp.concatenate([sin[..., half:], sin[..., :half]], axis=-1)
-        return _rotate(grad, cos, transposed_sin).astype(grad.dtype, copy=False)
+        return rotate(_computed(grad), cos, transposed_sin).astype(grad.dtype, copy=False)
+
+
+def _computed(x):
+    """x in float32 at least: half precision rotates in float32 and rounds once."""
+    xp = backend.get_array_module(x)
+    return x.astype(xp.promote_types(x.dtype, xp.float32), copy=False)
 
 
 def apply_rotary(x: Tensor, cos, sin) -> Tensor:
