@@ -9,6 +9,7 @@ from op_check import check_op, random_array, small_shapes
 import tinytf
 import tinytf.functional as F
 from tinytf import backend
+from tinytf.functional import common
 from tinytf.functional.activation import (
     elu,
     erf_series,
@@ -269,6 +270,24 @@ def test_masked_softmax_matches_numpy(shapes, seed, scale):
     keep = np.random.default_rng(seed).random(mask_shape) < 0.7  # some rows keep nothing: they must be zeros
     check_op(lambda x: F.masked_softmax(x, keep, scale), lambda x: _masked_softmax(x, keep, scale),
              random_array(seed, shape) * 3)
+
+
+def test_attention_softmax_in_training_sized_blocks_matches_numpy(monkeypatch, device):
+    """The training step's causal softmax, (B*H, T, T) with T = 64, in the default cache blocks: hundreds of rows per
+    block, so the row maxima come from common.row_max's tree (the other tests' one-row blocks take max)."""
+    monkeypatch.setattr(common, "BLOCK_BYTES", 256 * 1024)
+    rng = np.random.default_rng(7)
+    x, grad = rng.standard_normal((48, 64, 64)) * 3, rng.standard_normal((48, 64, 64))  # float64: tight tolerances
+    x[0, 10, 5] = -np.inf  # a kept score of -inf: probability 0
+    keep = np.tril(np.ones((64, 64), dtype=bool))
+    scores = tinytf.tensor(x, device=device, requires_grad=True)
+    probs = F.masked_softmax(scores, keep, 0.125)
+    probs.backward(tinytf.tensor(grad, device=device))
+    expected = _masked_softmax(x, keep, 0.125)
+    np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-13, atol=1e-15)
+    inner = (grad * expected).sum(axis=-1, keepdims=True)  # dL/dx = scale * p (g - sum(g p))
+    np.testing.assert_allclose(backend.to_numpy(scores.grad), 0.125 * expected * (grad - inner), rtol=1e-12,
+                               atol=1e-14)
 
 
 def test_masked_softmax_without_mask_is_a_scaled_softmax():

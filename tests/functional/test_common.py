@@ -1,16 +1,23 @@
 """The helpers the tuned ops share: map_row_blocks hands runs of cache-sized blocks to the worker threads, and the
-ops that use it give the same results with one worker thread or several. (tests/functional runs with blocks of a
-row or two, conftest.py: every array here spans many blocks.)"""
+ops that use it give the same results with one worker thread or several; row_max's halving tree gives exactly the
+row maxima of max(axis=-1). (tests/functional runs with blocks of a row or two, conftest.py: every array here spans
+many blocks.)"""
 
+import contextlib
 import threading
 import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import tinytf
 import tinytf.functional as F
-from tinytf.functional.common import map_row_blocks, row_blocks
+from tinytf import backend
+from tinytf.functional import common
+from tinytf.functional.common import ROW_MAX_TREE_WIDTH, map_row_blocks, row_blocks, row_max, row_max_study
 from tinytf.functional.normalization import layer_norm_study_backward, layer_norm_study_forward
 
 MANY_BLOCKS = (512, 64)
@@ -98,3 +105,44 @@ def test_threaded_layer_norm_matches_the_study_version(threads):
     np.testing.assert_allclose(out.numpy(), y, rtol=1e-12, atol=1e-12)
     for tensor, expected in zip(tensors, layer_norm_study_backward(grad, x_hat, rstd, weight)):
         np.testing.assert_allclose(tensor.grad, expected, rtol=1e-10, atol=1e-10)
+
+
+@contextlib.contextmanager
+def tree_for_any_row_count():
+    """row_max takes its tree however few rows it gets (the training step's blocks have hundreds)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "ROW_MAX_TREE_MIN_ROWS", 1)
+        yield
+
+
+# Rows of every width up to past the tree's limit, odd ones included, with NaN, infinities and signed zeros among
+# ordinary values, so that a row's maximum can sit anywhere and NaN must win wherever it is.
+_ROW_VALUES = st.one_of(st.floats(-1e3, 1e3, width=32), st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=7)
+                       .flatmap(lambda shape: st.integers(1, ROW_MAX_TREE_WIDTH + 3).map(lambda c: shape[:-1] + (c,))),
+                       elements=_ROW_VALUES))
+def test_row_max_equals_the_study_version(rows):
+    with tree_for_any_row_count():
+        np.testing.assert_array_equal(row_max(rows), row_max_study(rows))
+
+
+@pytest.mark.parametrize("width", [2, 3, 17, 64, 65, ROW_MAX_TREE_WIDTH])
+def test_row_max_propagates_nan_and_keeps_rows_of_minus_infinity(device, width):
+    rows = np.full((4, width), -np.inf, dtype=np.float32)
+    rows[1, width // 2] = np.nan
+    rows[2, -1] = np.nan
+    rows[3, :] = np.arange(width)
+    on_device = tinytf.tensor(rows, device=device)
+    with tree_for_any_row_count(), backend.device_scope(on_device.device):
+        maxima = backend.to_numpy(row_max(on_device.data))
+    np.testing.assert_array_equal(maxima[:, 0], [-np.inf, np.nan, np.nan, width - 1])
+
+
+def test_row_max_reads_rows_that_are_not_contiguous():
+    block = np.random.default_rng(4).standard_normal((6, 40)).astype(np.float32)
+    with tree_for_any_row_count():
+        for view in (block[:, ::2], block.T[:16], block[::2, 3:35]):
+            np.testing.assert_array_equal(row_max(view), view.max(axis=-1, keepdims=True))

@@ -6,11 +6,13 @@ from op_check import check_op, random_array
 
 import tinytf
 from tinytf import backend
+from tinytf.functional import common
 from devices import DEVICES
 from tinytf.functional.loss import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
     cross_entropy,
+    cross_entropy_study,
     huber_loss,
     kl_div,
     l1_loss,
@@ -125,6 +127,32 @@ def test_cross_entropy_handles_huge_logits():
     np.testing.assert_allclose(loss.item(), 2e4, rtol=1e-6)
     loss.backward()
     np.testing.assert_allclose(logits.grad, [[1.0, -1.0, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(np.float64, 1e-12), (np.float32, 1e-6)])
+def test_cross_entropy_matches_the_study_version(monkeypatch, device, dtype, tolerance):
+    """The training step's shape, (B*T, classes), in the default cache blocks (the row maxima by common.row_max's
+    tree); the study version is independent of the fused op."""
+    monkeypatch.setattr(common, "BLOCK_BYTES", 256 * 1024)
+    rng = np.random.default_rng(5)
+    logits, targets = (rng.standard_normal((768, 64)) * 4).astype(dtype), rng.integers(0, 64, 768)
+    tensor = tinytf.tensor(logits, device=device, requires_grad=True)
+    loss = cross_entropy(tensor, tinytf.tensor(targets, device=device))
+    loss.backward()
+    expected_loss, expected_grad = cross_entropy_study(logits, targets)
+    np.testing.assert_allclose(loss.item(), expected_loss, rtol=tolerance)
+    np.testing.assert_allclose(backend.to_numpy(tensor.grad), expected_grad, rtol=tolerance, atol=tolerance / 768)
+
+
+def test_cross_entropy_backward_twice_gives_the_same_gradient():
+    """backward must leave the saved probabilities as they are: with retain_graph it runs again on them."""
+    logits = tinytf.tensor(np.random.default_rng(6).standard_normal((6, 5)), requires_grad=True)
+    loss = cross_entropy(logits, tinytf.tensor([0, 1, 2, 3, 4, -100]))
+    loss.backward(retain_graph=True)
+    first = logits.grad.copy()
+    loss.backward()
+    np.testing.assert_allclose(logits.grad, 2 * first, rtol=1e-12)
+    assert not first[-1].any()  # the ignored row
 
 
 def test_cross_entropy_with_one_hot_probabilities_equals_class_ids():

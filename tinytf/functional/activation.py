@@ -23,6 +23,7 @@ from .common import (
     map_row_blocks,
     normalize_axis,
     row_sum_vector,
+    stable_max,
 )
 from .expression import ElementwiseExpression
 
@@ -382,11 +383,18 @@ class Mish(Function):
         return grad * (t + a * (1 - t * t) * sigmoid_array(a))
 
 
-def _stable_max(a, axis: int | None):
-    """Row maxima for shifting before exp; rows of only -inf get 0 so they give exp(-inf) = 0, not NaN."""
-    xp = backend.get_array_module(a)
-    row_max = a.max(axis=axis, keepdims=True)
-    return xp.where(xp.isfinite(row_max), row_max, 0)
+def softmax_rows_into(logits, out, ones):
+    """out = softmax of each row of `logits` (..., C) (`out` may be `logits` itself), in place: shift by the row
+    maximum (common.stable_max), exp, row sums as one matrix-vector product with `ones` = row_sum_vector(C, ...), scale
+    by their reciprocals. Returns the shifts and the row sums of exp(logits - shift), (..., 1) each, from which a
+    caller gets log-sum-exp = shift + log(sum). A row of only -inf comes out all zeros."""
+    xp = backend.get_array_module(out)
+    shift = stable_max(logits, -1)
+    xp.subtract(logits, shift, out=out)
+    xp.exp(out, out=out)
+    total = (out.reshape(-1, out.shape[-1]) @ ones).reshape(shift.shape)  # 2-D: one BLAS call, not one per group
+    out *= 1 / xp.where(total > 0, total, 1)
+    return shift, total
 
 
 @computes_in_float32
@@ -398,8 +406,8 @@ class Softmax(Function):
         The rows are cut into groups: one row each without a bias, the last two axes (T, C) with one, so that a
         (T, C) mask applies to every group as it is. Optimisations: each cache-sized block of groups (row_blocks)
         goes through scale, bias, max, exp, sum and normalization, in place with out=, before the next one is read,
-        runs of blocks on worker threads (map_row_blocks);
-        row sums by a matrix-vector product (BLAS, row_sum_vector), in float32 at least.
+        runs of blocks on worker threads (map_row_blocks); row maxima by a halving tree (common.row_max);
+        row sums by a matrix-vector product (BLAS, row_sum_vector), in float32 at least (softmax_rows_into).
         """
         xp = backend.get_array_module(a)
         moved = xp.moveaxis(a, axis, -1) if a.ndim else a.reshape(1)
@@ -417,10 +425,7 @@ class Softmax(Function):
                     logits = xp.multiply(logits, scale, out=ob)
                     if bias is not None:
                         logits += bias[block]
-                xp.subtract(logits, _stable_max(logits, -1), out=ob)
-                xp.exp(ob, out=ob)
-                total = (ob @ ones)[..., None]
-                ob *= 1 / xp.where(total > 0, total, 1)  # a fully masked row stays all zeros
+                softmax_rows_into(logits, ob, ones)  # a fully masked row stays all zeros
 
         map_row_blocks(softmax_blocks, groups)
         self.axis, self.scale, self.moved_shape, self.input_shape = axis, scale, moved.shape, a.shape
@@ -456,7 +461,7 @@ class Softmax(Function):
 class LogSoftmax(Function):
     def forward(self, a, axis: int | None):
         xp = backend.get_array_module(a)
-        shifted = a - _stable_max(a, axis)
+        shifted = a - stable_max(a, axis)
         out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
         self.save_for_backward(out)
         self.axis = axis

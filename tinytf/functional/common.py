@@ -1,6 +1,6 @@
 """Helpers shared by the ops: broadcasting gradients back, Python scalars as tensors, PyTorch's type promotion, axis
 checks, and the tricks the tuned ops share (cache-sized row blocks, one scratch block reused by every block, row sums
-by a matrix-vector product).
+by a matrix-vector product, row maxima by a halving tree).
 
 Type promotion follows PyTorch, not NumPy, so that float32 never turns into float64 silently:
 - categories rank bool < integer < floating; an operand of a higher category decides the result's dtype
@@ -85,6 +85,51 @@ def row_sum_vector(width: int, dtype, xp, scale: float = 1.0):
     """The vector v with rows @ v == scale * rows.sum(axis=-1) (scale = 1 / width gives row means): BLAS runs that
     matrix-vector product in one vectorized pass over a block, where NumPy's sum(axis=-1) is slow on short rows."""
     return xp.full(width, scale, dtype=dtype)
+
+
+# Rows up to this wide get their maxima from row_max's halving tree; on wider rows NumPy's max(axis=-1) has enough
+# elements per row to amortise its cost per row, and the tree stops paying. With fewer rows than the minimum, the
+# tree's log2(C) calls cost more than max's loop calls (bench/NOTES.md).
+ROW_MAX_TREE_WIDTH = 128
+ROW_MAX_TREE_MIN_ROWS = 128
+
+
+def row_max_study(a):
+    """The maximum of each row of `a` (..., C), as (..., 1): NaN where a row holds one; the reference for row_max."""
+    return a.max(axis=-1, keepdims=True)
+
+
+def row_max(a):
+    """row_max_study(a), exactly, faster on NumPy's short rows: NumPy's max(axis=-1) runs one inner loop per row,
+    whose cost per call dominates on rows of a few dozen elements. A halving tree instead takes the maximum of each
+    even and odd element of the flat array in one long strided loop, which halves every row at once, and repeats
+    until one element per row is left (an odd width pairs the rows' halves, row by row, and folds the last column
+    in). Maxima are exact and maximum propagates NaN, so the order of the comparisons changes nothing. Wide rows,
+    few rows and GPU arrays (where max(axis=-1) is one kernel, the tree one per level) take the study version."""
+    width = a.shape[-1] if a.ndim else 1
+    if backend.is_cupy_array(a) or not 1 < width <= ROW_MAX_TREE_WIDTH or a.size < ROW_MAX_TREE_MIN_ROWS * width:
+        return row_max_study(a)
+    xp = backend.get_array_module(a)
+    level = a.reshape(-1, width)
+    while width > 1:
+        half = width // 2
+        if width % 2:
+            pairs = xp.maximum(level[:, :half], level[:, half : 2 * half])
+            xp.maximum(pairs[:, 0], level[:, -1], out=pairs[:, 0])
+        else:
+            flat = level.reshape(-1)  # a copy only if a's rows are not contiguous
+            pairs = xp.maximum(flat[0::2], flat[1::2]).reshape(-1, half)
+        level, width = pairs, half
+    return level.reshape(a.shape[:-1] + (1,))
+
+
+def stable_max(a, axis):
+    """The maxima of `a` over `axis` (an int, a tuple of ints or None), kept as size-1 axes, for shifting before exp:
+    rows of only -inf get 0, so they give exp(-inf) = 0, not NaN. Over the last axis alone by row_max."""
+    xp = backend.get_array_module(a)
+    last = a.ndim - 1
+    maxima = row_max(a) if a.ndim and axis in (-1, last, (last,)) else a.max(axis=axis, keepdims=True)
+    return xp.where(xp.isfinite(maxima), maxima, 0)
 
 
 def as_tensor(value, like: Tensor) -> Tensor:

@@ -17,9 +17,9 @@ import math
 
 from .. import backend
 from ..tensor import Function, Tensor, array_of
-from .activation import sigmoid_array
+from .activation import sigmoid_array, softmax_rows_into
 from .arithmetic import minimum, where
-from .common import as_tensor, computes_in_float32
+from .common import as_tensor, computes_in_float32, map_row_blocks, row_sum_vector
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -57,25 +57,50 @@ def _target_class_weights(targets, class_weights, ignore_index: int):
     return kept, safe_targets, weights
 
 
+def cross_entropy_study(logits, targets):
+    """The mean softmax cross-entropy of (N, C) logits z against (N,) class ids t, and its gradient, as the formulas
+    read: l = mean_i (log sum_c exp(z_ic) - z_it) and dl/dz = (softmax(z) - onehot(t)) / N. The reference for
+    CrossEntropy's plain case."""
+    xp = backend.get_array_module(logits)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    rows = xp.arange(logits.shape[0])
+    grad = xp.exp(log_probs)
+    grad[rows, targets] -= 1
+    return -log_probs[rows, targets].mean(), grad / logits.shape[0]
+
+
 @computes_in_float32
 class CrossEntropy(RowLoss):
+    """Softmax cross-entropy against class ids. Tuned: forward runs the softmax of each cache-sized block of rows in
+    place (activation.softmax_rows_into: row maxima by a halving tree, row sums by BLAS) and reads log-sum-exp off
+    its shifts and sums; backward of the plain case is one scaled copy of the probabilities and a scatter. The
+    study version is cross_entropy_study above the class."""
+
     def forward(self, logits, targets, class_weights, ignore_index: int, label_smoothing: float, reduction: str):
         """(N, C) logits, (N,) class ids, (C,) class weights or None -> () for "mean"/"sum", (N,) for "none"."""
         xp = backend.get_array_module(logits)
         num_classes = logits.shape[1]
         kept, safe_targets, target_weights = _target_class_weights(targets, class_weights, ignore_index)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        probs = xp.exp(shifted)
-        total = probs.sum(axis=-1, keepdims=True)
-        probs /= total
-        log_total = xp.log(total[:, 0])
-        # -log softmax(logits)[t] = log(sum exp(shifted)) - shifted[t]
-        losses = (log_total - shifted[xp.arange(logits.shape[0]), safe_targets]) * target_weights
+        probs = xp.empty_like(logits)
+        shifts = xp.empty((logits.shape[0], 1), dtype=logits.dtype)
+        totals = xp.empty_like(shifts)
+        ones = row_sum_vector(num_classes, xp.promote_types(logits.dtype, xp.float32), xp)
+
+        def softmax_blocks(blocks: list[slice]) -> None:
+            for block in blocks:
+                shifts[block], totals[block] = softmax_rows_into(logits[block], probs[block], ones)
+
+        map_row_blocks(softmax_blocks, logits)
+        shifts, log_totals = shifts[:, 0], xp.log(totals[:, 0])
+        # -log softmax(logits)[t] = log(sum exp(shifted)) - shifted[t], shifted = logits - shift
+        losses = (log_totals - (logits[xp.arange(logits.shape[0]), safe_targets] - shifts)) * target_weights
         if label_smoothing:
             if class_weights is None:
                 class_weights = xp.ones(num_classes, dtype=logits.dtype)
             # -sum_c w_c log softmax_c = log(sum exp(shifted)) * sum_c w_c - shifted @ w
-            spread_losses = (log_total * class_weights.sum() - shifted @ class_weights) * kept
+            shifted = logits - shifts[:, None]
+            spread_losses = (log_totals * class_weights.sum() - shifted @ class_weights) * kept
             losses = (1 - label_smoothing) * losses + (label_smoothing / num_classes) * spread_losses
         self.save_for_backward(probs, safe_targets, target_weights, kept)
         self.class_weights, self.label_smoothing = class_weights, label_smoothing
@@ -83,13 +108,22 @@ class CrossEntropy(RowLoss):
         return self.reduce(losses, reduction, denominator)
 
     def backward(self, grad):
+        """dl_i/dz_ij = softmax(z_i)_j * sum_c q_ic - q_ij (the module's docstring), times d loss / d l_i."""
         probs, targets, target_weights, kept = self.saved_tensors
         xp = backend.get_array_module(probs)
         scale = self.row_scale(grad)
         # q_i = (1 - s) w_t onehot(t) + (s / C) w: its one-hot part gives probs * its sum and -q at the target,
         # subtracted there instead of building the one-hot.
         on_target = ((1 - self.label_smoothing) * scale * target_weights).astype(probs.dtype)
-        grad_logits = probs * on_target[:, None]
+        if scale.ndim == 0 and self.class_weights is None and not self.label_smoothing:
+            # The plain case: q_i is onehot(t_i) on kept rows, so the gradient is scale * (probs - onehot), one
+            # multiplication by a scalar (no column of per-row factors to broadcast) and zeros on ignored rows.
+            # A copy, not probs in place: backward may run again (retain_graph).
+            grad_logits = xp.multiply(probs, scale.astype(probs.dtype))
+            if not bool(kept.all()):
+                grad_logits[~kept] = 0
+        else:
+            grad_logits = probs * on_target[:, None]
         if self.label_smoothing:
             spread = (self.label_smoothing / probs.shape[1] * scale * kept).astype(probs.dtype)
             grad_logits += spread[:, None] * (probs * self.class_weights.sum() - self.class_weights)

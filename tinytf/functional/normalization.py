@@ -136,7 +136,8 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
 
     Optimisations: cache-blocked rows (row_blocks), runs of blocks on worker threads (map_row_blocks), each summing
     its own share of dL/dw and dL/db; in-place ufunc chains with out= into dL/dx, with one scratch block per thread
-    reused by every block (block_scratch); row means by a matrix-vector product (BLAS: _subtract_row_means);
+    reused by every block (block_scratch); row means and dL/db's column sums by matrix-vector products (BLAS:
+    _subtract_row_means, row_sum_vector);
     row and column dot products by einsum with no (rows, C) temporary (_row_dots, _column_dots).
     """
     x_hat, rstd, weight = function.saved_tensors
@@ -147,6 +148,7 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
     grad_x = xp.empty(g.shape, dtype=x_hat.dtype) if needs[0] else None
     wants_weight, wants_bias = weight is not None and needs[1], function.has_bias and needs[-1]
     averager = row_sum_vector(width, x_hat.dtype, xp, scale=1 / width)
+    ones = row_sum_vector(len(x_hat), x_hat.dtype, xp) if wants_bias else None  # ones @ rows: column sums
 
     def backward_blocks(blocks: list[slice]) -> tuple:
         """dL/dx of these blocks' rows, and their shares of dL/dw and dL/db."""
@@ -158,7 +160,7 @@ def _normalize_rows_backward(function: Function, grad, centered: bool):
             if grad_weight is not None:
                 grad_weight += _column_dots(gb, hb)
             if grad_bias is not None:
-                grad_bias += gb.sum(axis=0)
+                grad_bias += ones[: gb.shape[0]] @ gb
             if grad_x is None:
                 continue
             rb = grad_x[block]

@@ -13,7 +13,7 @@ import numpy as np
 from .. import backend
 from ..tensor import Function, Tensor
 from .arithmetic import cast, sqrt
-from .common import canonical_axes, computes_in_float32, expand_reduced, floating, normalize_axis
+from .common import canonical_axes, computes_in_float32, expand_reduced, floating, normalize_axis, stable_max
 from .shape import reshape
 
 
@@ -130,9 +130,8 @@ class LogSumExp(Function):
     def forward(self, a, axis, keepdims: bool):
         """(...) -> (...) with `axis` removed (or kept as size 1)"""
         xp = backend.get_array_module(a)
-        row_max = a.max(axis=axis, keepdims=True)
-        row_max = xp.where(xp.isfinite(row_max), row_max, 0)
-        out = xp.log(xp.exp(a - row_max).sum(axis=axis, keepdims=True)) + row_max
+        maxima = stable_max(a, axis)
+        out = xp.log(xp.exp(a - maxima).sum(axis=axis, keepdims=True)) + maxima
         self.save_for_backward(a, out)
         self.reduction = axis, keepdims
         return out if keepdims else out.squeeze(axis=axis)
