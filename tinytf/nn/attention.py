@@ -13,6 +13,7 @@ import numpy as np
 from .. import backend
 from ..attention.masks import softcapped
 from ..attention.naive import attention_probabilities
+from ..functional.rotary import rotate
 from ..tensor import Tensor, array_of, no_grad
 from . import functional as F
 from .kv_cache import KVCache
@@ -257,6 +258,7 @@ class MultiHeadAttention(Module):
         hiding the keys before their start from the cache."""
         B = x.shape[0]
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        compute = np.result_type(x.dtype, np.float32)
         if self.cross:
             q = layouts.linear(x, self.q_proj).reshape(B, H, 1, D)
             keys, values = kv_cache.keys.data, kv_cache.values.data  # (B, Hkv, S, D)
@@ -267,7 +269,7 @@ class MultiHeadAttention(Module):
             if self.rope:
                 position = kv_cache.positions()  # an int, or one per row (B,)
                 cos, sin = self.rope_cos[position].reshape(-1, 1, 1, D), self.rope_sin[position].reshape(-1, 1, 1, D)
-                qk = F.apply_rotary(Tensor(qk), cos, sin).data
+                qk = rotate(qk.astype(compute, copy=False), cos, sin).astype(x.dtype, copy=False)  # no Tensor
             q = qk[:, :H]
             keys, values = kv_cache.store(qk[:, H:], qkv[:, H + Hkv :])  # (B, Hkv, S, D)
             first = 0
@@ -275,7 +277,6 @@ class MultiHeadAttention(Module):
                 first = max(0, kv_cache.length - 1 - self.window)
                 keys, values = keys[:, :, first:], values[:, :, first:]
             bias = kv_cache.start_bias(first)
-        compute = np.result_type(x.dtype, np.float32)
         q = q.reshape(B, Hkv, H // Hkv, D).astype(compute, copy=False)  # (B, H, 1, D) -> (B, Hkv, G, D)
         scores = q @ keys.astype(compute, copy=False).swapaxes(-1, -2)  # (B, Hkv, G, S)
         weights = _softmax_rows(scores, self.scale, self.softcap, bias)

@@ -42,12 +42,13 @@ class DecoderBlock(Module):
         self.attn_out_norm, self.mlp_out_norm = attn_out_norm, mlp_out_norm
         self.cross_attn, self.cross_norm = cross_attn, cross_norm
 
-    def _residual(self, x, sublayer, norm, out_norm=None):
-        """One residual sublayer, pre- or post-norm; `sublayer`, `norm` and `out_norm` are callables, so that forward
-        (Tensors) and decode (raw arrays) share the rule."""
+    def _residual(self, x, sublayer, norm, out_norm=None, *args):
+        """One residual sublayer, pre- or post-norm; `sublayer` (called as sublayer(h, *args)), `norm` and `out_norm`
+        are callables, so that forward (Tensors) and decode (raw arrays, bound methods: no closure per token) share
+        the rule."""
         if not self.norm_first:
-            return norm(x + sublayer(x))
-        out = sublayer(norm(x))
+            return norm(x + sublayer(x, *args))
+        out = sublayer(norm(x), *args)
         return x + (out if out_norm is None else out_norm(out))
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None, position_ids=None, *, padding_mask=None,
@@ -64,12 +65,15 @@ class DecoderBlock(Module):
     def decode(self, x, kv_cache: KVCache, layouts: DecodeLayouts, context: ContextKV | None = None):
         """forward in inference for one new token per sequence, on raw arrays (no graph): x (B, C) -> (B, C);
         context: the cross-attention's ContextKV of the sources."""
-        x = self._residual(x, lambda h: self.attn.decode(h, kv_cache, layouts), self.norm1.decode,
-                           None if self.attn_out_norm is None else self.attn_out_norm.decode)
+        x = self._residual(x, self.attn.decode, self.norm1.decode, _decode_of(self.attn_out_norm), kv_cache, layouts)
         if self.cross_attn is not None:
-            x = self._residual(x, lambda h: self.cross_attn.decode(h, context, layouts), self.cross_norm.decode)
-        return self._residual(x, lambda h: self.mlp.decode(h, layouts), self.norm2.decode,
-                              None if self.mlp_out_norm is None else self.mlp_out_norm.decode)
+            x = self._residual(x, self.cross_attn.decode, self.cross_norm.decode, None, context, layouts)
+        return self._residual(x, self.mlp.decode, self.norm2.decode, _decode_of(self.mlp_out_norm), layouts)
+
+
+def _decode_of(norm: Module | None):
+    """An optional norm's decode method (None without the norm)."""
+    return None if norm is None else norm.decode
 
 
 class EncoderBlock(DecoderBlock):

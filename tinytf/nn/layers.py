@@ -1,15 +1,18 @@
 """Layers: Linear, Embedding, LayerNorm, RMSNorm, Dropout, the two transformer MLPs (GELU and gated: SwiGLU, GeGLU),
-and the weights laid out for decoding (DecodeLayouts)."""
+the weights laid out for decoding (DecodeLayouts), and decoding's norms and activations on raw arrays
+(decode_layer_norm, decode_rms_norm, decode_gelu_tanh, decode_swiglu)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from .. import backend
 from .. import functional as F
-from ..functional.normalization import layer_norm_study_forward, rms_norm_study_forward
+from ..functional.activation import GELU_TANH_FORWARD
+from ..functional.common import row_sum_vector
 from ..tensor import Tensor
 from .module import Module, Parameter, init_skipped
 
@@ -106,9 +109,8 @@ class LayerNorm(Module):
         return F.layer_norm(x, self.dim, self.weight, self.bias, self.eps)
 
     def decode(self, x):
-        """forward in inference on a few rows of raw arrays (decoding: no graph): the study formula, whose few
-        whole-array passes cost less on a handful of rows than the tuned op's blocks and saved statistics."""
-        return layer_norm_study_forward(x, self.weight.data, None if self.bias is None else self.bias.data, self.eps)[0]
+        """forward in inference on a few rows of raw arrays (decoding: no graph): decode_layer_norm."""
+        return decode_layer_norm(x, self.weight.data, None if self.bias is None else self.bias.data, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
@@ -130,14 +132,101 @@ class RMSNorm(Module):
         return F.rms_norm(x, self.dim, weight, self.eps)
 
     def decode(self, x):
-        """forward in inference on a few rows of raw arrays (decoding), as LayerNorm.decode."""
+        """forward in inference on a few rows of raw arrays (decoding: no graph): decode_rms_norm."""
         weight = self.weight.data
         if self.weight_offset:
             weight = weight.astype(backend.compute_dtype(weight.dtype)) + self.weight_offset
-        return rms_norm_study_forward(x, weight, self.eps)[0]
+        return decode_rms_norm(x, weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}" + (f", weight_offset={self.weight_offset}" if self.weight_offset else "")
+
+
+# The norms and activations for decoding: a few rows (one token per sequence) of raw arrays. On rows this short the
+# cost is the number of NumPy calls, not the passes over the data, so these run their op's formula as a handful of
+# in-place ufunc calls on one fresh array, and take a row statistic as one matrix product with a cached column of
+# 1/C (_mean_column) where mean(axis=-1) is a Python wrapper and two calls: fewer calls than the study versions
+# (functional/normalization.py, activation.py; the tests hold them equal) and none of the tuned ops' blocking,
+# threads, Tensors or saved statistics, made for training's large batches.
+
+
+def _in_compute_dtype(x, copy: bool):
+    """x in float32 at least, the compute dtype of the norms and activations; a new array with copy=True."""
+    xp = backend.get_array_module(x)
+    return x.astype(xp.promote_types(x.dtype, xp.float32), copy=copy)
+
+
+def _row_means(x):
+    """The means (N, 1) of the rows of x (N, C), as x @ _mean_column."""
+    return x @ _mean_column(x.shape[-1], x.dtype, backend.device_of(x))
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_column(width: int, dtype, device: str):
+    """The column (width, 1) of 1/width on `device`, made once per width, dtype and device."""
+    return backend.to_device(row_sum_vector(width, dtype, np, scale=1 / width)[:, None], device)
+
+
+def decode_layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
+    """layer_norm_study_forward's y on rows x (N, C): (x - mean) / sqrt(var + eps) * weight + bias, in float32 at
+    least; returns a new array of x's dtype."""
+    xp = backend.get_array_module(x)
+    y = _in_compute_dtype(x, copy=True)
+    y -= _row_means(y)
+    std = _row_means(y * y)
+    std += eps
+    xp.sqrt(std, out=std)
+    y /= std
+    if weight is not None:
+        y *= weight
+    if bias is not None:
+        y += bias
+    return y.astype(x.dtype, copy=False)
+
+
+def decode_rms_norm(x, weight=None, eps: float = 1e-6):
+    """rms_norm_study_forward's y on rows x (N, C): x / sqrt(mean(x^2) + eps) * weight, in float32 at least;
+    returns a new array of x's dtype."""
+    xp = backend.get_array_module(x)
+    y = _in_compute_dtype(x, copy=True)
+    rms = _row_means(y * y)
+    rms += eps
+    xp.sqrt(rms, out=rms)
+    y /= rms
+    if weight is not None:
+        y *= weight
+    return y.astype(x.dtype, copy=False)
+
+
+def decode_gelu_tanh(x):
+    """GELU_TANH_FORWARD's y = (1 + tanh(x (c + c k x^2))) x / 2 (gelu_tanh_study_forward's formula) on rows x,
+    in float32 at least; returns a new array of x's dtype."""
+    xp = backend.get_array_module(x)
+    x_float = _in_compute_dtype(x, copy=False)
+    c, k = GELU_TANH_FORWARD.constants["c"], GELU_TANH_FORWARD.constants["k"]
+    y = x_float * x_float
+    y *= c * k
+    y += c
+    y *= x_float
+    xp.tanh(y, out=y)
+    y += 1
+    y *= x_float
+    y *= 0.5
+    return y.astype(x.dtype, copy=False)
+
+
+def decode_swiglu(gate, up):
+    """SwiGLU's y = gate sigmoid(gate) up with sigmoid(a) = tanh(a/2)/2 + 1/2, as its fused expression computes it
+    (silu_study_forward(gate) * up), on rows, in float32 at least; returns a new array of gate's dtype."""
+    xp = backend.get_array_module(gate)
+    gate_float = _in_compute_dtype(gate, copy=False)
+    y = gate_float * 0.5
+    xp.tanh(y, out=y)
+    y *= 0.5
+    y += 0.5
+    y *= gate_float
+    y *= up
+    return y.astype(gate.dtype, copy=False)
 
 
 class Dropout(Module):
@@ -172,7 +261,11 @@ class GELUMLP(Module):
 
     def decode(self, x, layouts: DecodeLayouts):
         """forward in inference on raw arrays (no graph, no dropout): x (N, C) -> (N, C)."""
-        hidden = F.gelu(Tensor(layouts.linear(x, self.c_fc)), approximate=self.approximate).data
+        hidden = layouts.linear(x, self.c_fc)
+        if self.approximate == "tanh":
+            hidden = decode_gelu_tanh(hidden)
+        else:
+            hidden = F.gelu(Tensor(hidden), approximate=self.approximate).data
         return layouts.linear(hidden, self.c_proj)
 
 
@@ -204,8 +297,9 @@ class GatedMLP(Module):
     def decode(self, x, layouts: DecodeLayouts):
         """forward in inference on raw arrays (no graph, no dropout): x (N, C) -> (N, C); gate and up in one GEMM."""
         gate_up = layouts.linear(x, self.gate, self.up)  # (N, 2 * hidden)
-        hidden = self.gate.out_features
-        return layouts.linear(self._gated(Tensor(gate_up[:, :hidden]), Tensor(gate_up[:, hidden:])).data, self.c_proj)
+        gate, up = gate_up[:, : self.gate.out_features], gate_up[:, self.gate.out_features :]
+        hidden = decode_swiglu(gate, up) if self.activation == "silu" else decode_gelu_tanh(gate) * up
+        return layouts.linear(hidden, self.c_proj)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
