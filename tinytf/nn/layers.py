@@ -170,15 +170,7 @@ def _mean_column(width: int, dtype, device: str):
 def decode_layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
     """layer_norm_study_forward's y on rows x (N, C): (x - mean) / sqrt(var + eps) * weight + bias, in float32 at
     least; returns a new array of x's dtype."""
-    xp = backend.get_array_module(x)
-    y = _in_compute_dtype(x, copy=True)
-    y -= _row_means(y)
-    std = _row_means(y * y)
-    std += eps
-    xp.sqrt(std, out=std)
-    y /= std
-    if weight is not None:
-        y *= weight
+    y = _normalized_rows(x, weight, eps, centered=True)
     if bias is not None:
         y += bias
     return y.astype(x.dtype, copy=False)
@@ -187,15 +179,23 @@ def decode_layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
 def decode_rms_norm(x, weight=None, eps: float = 1e-6):
     """rms_norm_study_forward's y on rows x (N, C): x / sqrt(mean(x^2) + eps) * weight, in float32 at least;
     returns a new array of x's dtype."""
+    return _normalized_rows(x, weight, eps, centered=False).astype(x.dtype, copy=False)
+
+
+def _normalized_rows(x, weight, eps: float, centered: bool):
+    """A new array of x's rows divided by their root mean square (after subtracting their means when centered:
+    then that is the standard deviation) plus eps, times weight, in the compute dtype."""
     xp = backend.get_array_module(x)
     y = _in_compute_dtype(x, copy=True)
-    rms = _row_means(y * y)
-    rms += eps
-    xp.sqrt(rms, out=rms)
-    y /= rms
+    if centered:
+        y -= _row_means(y)
+    scale = _row_means(y * y)
+    scale += eps
+    xp.sqrt(scale, out=scale)
+    y /= scale
     if weight is not None:
         y *= weight
-    return y.astype(x.dtype, copy=False)
+    return y
 
 
 def decode_gelu_tanh(x):
